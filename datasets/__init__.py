@@ -1,0 +1,1 @@
+"""Datasets: COCO-format detection data, augmentation and synthetic data."""

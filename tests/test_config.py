@@ -1,0 +1,305 @@
+"""Tests for utils.config: loading, overrides, validation messages, saving, devices."""
+
+import argparse
+from dataclasses import dataclass
+
+import pytest
+import torch
+import yaml
+
+from utils.config import (
+    Config,
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    _build_section,
+    _Origin,
+    _yaml_load,
+    add_config_args,
+    config_from_args,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    parse_cli,
+    save_config,
+    select_device,
+)
+
+TINY_ANCHORS = [[10, 14], [23, 27], [37, 58], [81, 82], [135, 169], [344, 319]]
+
+
+def write(tmp_path, text, name="args.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "model:\ndata:\n"])
+def test_empty_file_or_groups_give_defaults(tmp_path, text):
+    cfg = load_config(write(tmp_path, text))
+    assert cfg == Config(ModelConfig(), DataConfig())
+    assert cfg.model.arch == "yolov3"
+    assert cfg.model.encoder == "darknet53"
+    assert cfg.model.num_classes == 80
+    assert cfg.model.anchors is None
+    assert cfg.model.pretrained is False
+    assert cfg.model.pretrained_path is None
+    assert cfg.data.img_size == 416
+
+
+def test_file_values_are_loaded(tmp_path):
+    path = write(tmp_path, f"""
+model:
+  arch: yolov3-tiny
+  num_classes: 3
+  anchors: {TINY_ANCHORS}
+data:
+  img_size: 320
+""")
+    cfg = load_config(path)
+    assert cfg.model == ModelConfig(arch="yolov3-tiny", num_classes=3, anchors=TINY_ANCHORS)
+    assert cfg.data.img_size == 320
+
+
+def test_set_overrides_file_values(tmp_path):
+    weights = write(tmp_path, "", name="enc.pth")
+    path = write(tmp_path, f"model:\n  pretrained: true\n  pretrained_path: {weights}\n  num_classes: 3\n")
+    cfg = load_config(path, [
+        "model.arch=yolov3-tiny",
+        f"model.anchors={TINY_ANCHORS}",
+        "model.pretrained=false",
+        "model.pretrained_path=null",
+        "data.img_size=320",
+    ])
+    assert cfg.model == ModelConfig(arch="yolov3-tiny", num_classes=3, anchors=TINY_ANCHORS)
+    assert cfg.data.img_size == 320
+
+
+def test_pretrained_darknet53_needs_a_path(tmp_path):
+    with pytest.raises(ConfigError, match=r"args.yaml: model.pretrained_path=None: .*darknet53.conv.74"):
+        load_config(write(tmp_path, ""), ["model.pretrained=true"])
+
+
+def test_later_override_wins(tmp_path):
+    cfg = load_config(write(tmp_path, ""), ["data.img_size=320", "data.img_size=608"])
+    assert cfg.data.img_size == 608
+
+
+def test_config_from_dict_applies_overrides_without_changing_input():
+    d = {"model": {"num_classes": 5}}
+    cfg = config_from_dict(d, "ckpt.pt", ["model.num_classes=7"])
+    assert cfg.model.num_classes == 7
+    assert d == {"model": {"num_classes": 5}}
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("1e-3", 0.001), ("1E5", 100000.0), ("-2.5e-4", -0.00025), ("+3e2", 300.0),
+    ("1.0e5", 100000.0), ("2.e1", 20.0), (".5e2", 50.0), ("1.5", 1.5),
+])
+def test_loader_reads_exponent_notation_as_float(text, expected):
+    value = _yaml_load(f"lr: {text}")["lr"]
+    assert type(value) is float
+    assert value == expected
+
+
+@pytest.mark.parametrize("text, expected", [("123", 123), ("1e", "1e"), ("e5", "e5"), ("abc", "abc")])
+def test_loader_leaves_non_floats_alone(text, expected):
+    value = _yaml_load(text)
+    assert type(value) is type(expected)
+    assert value == expected
+
+
+@dataclass
+class _Toy:
+    lr: float = 0.1
+    sizes: list[int] | None = None
+
+    def check(self, origin):
+        if self.lr <= 0:
+            origin.fail("lr", self.lr, "must be positive")
+
+
+def build_toy(text, overridden=frozenset()):
+    return _build_section(_Toy, _yaml_load(text), _Origin("toy.yaml", "train", overridden))
+
+
+def test_generic_checker_float_field():
+    assert build_toy("lr: 1e-3").lr == 0.001
+    toy = build_toy("lr: 2")
+    assert type(toy.lr) is float
+    assert toy.lr == 2.0
+    assert build_toy("sizes: [320, 416]").sizes == [320, 416]
+
+
+@pytest.mark.parametrize("text, parts", [
+    ("lr: true", ["train.lr=True", "expected float"]),
+    ("lr: fast", ["train.lr='fast'", "expected float"]),
+    ("sizes: [320, 416.5]", ["train.sizes=[320, 416.5]", "expected list[int] or null"]),
+    ("sizes: 320", ["train.sizes=320", "expected list[int] or null"]),
+    ("lr: -1e-3", ["train.lr=-0.001", "must be positive"]),
+])
+def test_generic_checker_errors(text, parts):
+    with pytest.raises(ConfigError) as e:
+        build_toy(text)
+    assert str(e.value).startswith("toy.yaml: ")
+    for part in parts:
+        assert part in str(e.value)
+
+
+def test_generic_checker_names_set_for_overridden_key():
+    with pytest.raises(ConfigError, match=r"^--set: train\.lr=True"):
+        build_toy("lr: true", frozenset({"train.lr"}))
+
+
+def test_set_is_repeatable_and_extends():
+    parser = argparse.ArgumentParser()
+    add_config_args(parser)
+    args = parser.parse_args(["--set", "a.b=1", "c.d=2", "--set", "e.f=3"])
+    assert args.overrides == ["a.b=1", "c.d=2", "e.f=3"]
+    assert args.config == "args.yaml"
+    assert args.gpu is None
+    assert parser.parse_args([]).overrides == []
+    assert parser.parse_args(["--gpu", "-1"]).gpu == -1
+
+
+def test_config_from_args(tmp_path):
+    path = write(tmp_path, "data:\n  img_size: 320\n")
+    parser = argparse.ArgumentParser()
+    add_config_args(parser)
+    cfg = config_from_args(parser.parse_args(["--config", str(path), "--set", "model.num_classes=2"]))
+    assert cfg.data.img_size == 320
+    assert cfg.model.num_classes == 2
+
+
+MISSING = "/nonexistent/encoder.pth"
+
+BAD_FILES = [
+    # (file text, parts the message must contain besides the file name)
+    ("model:\n  num_clases: 3\n",
+     ["model.num_clases=3", "did you mean 'num_classes'?", "arch, encoder, num_classes"]),
+    ("modle:\n  arch: yolov3\n", ["modle=", "did you mean 'model'?", "model, data"]),
+    ("model:\n  num_classes: ten\n", ["model.num_classes='ten'", "expected int"]),
+    ("model:\n  num_classes: true\n", ["model.num_classes=True", "expected int"]),
+    ("data:\n  img_size: 416.5\n", ["data.img_size=416.5", "expected int"]),
+    ("data:\n  img_size: 416.0\n", ["data.img_size=416.0", "expected int"]),
+    ("model:\n  num_classes: 0\n", ["model.num_classes=0", "at least 1"]),
+    ("data:\n  img_size: 100\n", ["data.img_size=100", "multiple of 32", "use 96 or 128"]),
+    ("data:\n  img_size: 0\n", ["data.img_size=0", "use 32"]),
+    (f"model:\n  anchors: {[[10, 13]] * 8}\n", ["model.anchors=[[10, 13]", "expected 9", "yolov3", "found 8"]),
+    (f"model:\n  arch: yolov3-tiny\n  anchors: {[[10, 13]] * 9}\n", ["model.anchors=", "expected 6", "found 9"]),
+    (f"model:\n  anchors: {[[10, 13]] * 8 + [[-10, 13]]}\n", ["model.anchors=", "[-10, 13]", "positive"]),
+    (f"model:\n  anchors: {[[10, 13]] * 8 + [[10, 13, 5]]}\n", ["model.anchors=", "[10, 13, 5]", "[w, h]"]),
+    ("model:\n  anchors: [[10, a]]\n", ["model.anchors=[[10, 'a']]", "expected list[list[int or float]] or null"]),
+    ("model:\n  arch: yolov5\n", ["model.arch='yolov5'", "'yolov3', 'yolov3-tiny'"]),
+    ("model:\n  encoder: resnet50\n", ["model.encoder='resnet50'", "'darknet53', 'mobilenet_v3_large'"]),
+    ("model:\n  arch: yolov3-tiny\n  encoder: mobilenet_v3_small\n",
+     ["model.encoder='mobilenet_v3_small'", "yolov3-tiny", "'darknet53'"]),
+    (f"model:\n  pretrained: true\n  pretrained_path: {MISSING}\n",
+     [f"model.pretrained_path='{MISSING}'", "no such file"]),
+    ("model: 3\n", ["model=3", "expected a mapping of model keys"]),
+    ("data: [320]\n", ["data=[320]", "expected a mapping of data keys (img_size)"]),
+    ("- model\n- data\n", ["['model', 'data']", "expected a mapping of groups"]),
+]
+
+
+@pytest.mark.parametrize("text, parts", BAD_FILES)
+def test_bad_file_values_raise_with_file_key_and_value(tmp_path, text, parts):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    message = str(e.value)
+    assert message.startswith(f"{path}: ")
+    for part in parts:
+        assert part in message
+
+
+@pytest.mark.parametrize("override, parts", [
+    ("data.img_sise=320", ["data.img_sise=320", "did you mean 'img_size'?", "valid data keys: img_size"]),
+    ("modle.arch=yolov3", ["modle.arch='yolov3'", "did you mean 'model'?"]),
+    ("data.img_size=abc", ["data.img_size='abc'", "expected int"]),
+    ("data.img_size=1e3", ["data.img_size=1000.0", "expected int"]),
+    ("model.anchors=[[10,13]]", ["model.anchors=[[10, 13]]", "expected 9", "found 1"]),
+    ("model.anchors=[[10,13]", ["model.anchors='[[10,13]'", "not valid YAML"]),
+])
+def test_bad_overrides_name_set(tmp_path, override, parts):
+    path = write(tmp_path, "data:\n  img_size: 416\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path, [override])
+    message = str(e.value)
+    assert message.startswith("--set: ")
+    assert str(path) not in message
+    for part in parts:
+        assert part in message
+
+
+@pytest.mark.parametrize("override", ["lr=1", "model.arch", "=3", ".arch=x", "model.=x"])
+def test_malformed_override(tmp_path, override):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, ""), [override])
+    assert str(e.value).startswith("--set: ")
+    assert repr(override) in str(e.value)
+    assert "group.key=value" in str(e.value)
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match="config file not found") as e:
+        load_config(path)
+    assert str(path) in str(e.value)
+
+
+def test_yaml_syntax_error(tmp_path):
+    path = write(tmp_path, "model:\n  arch: [yolov3\n")
+    with pytest.raises(ConfigError, match="invalid YAML") as e:
+        load_config(path)
+    assert str(e.value).startswith(f"{path}: ")
+    assert isinstance(e.value.__cause__, yaml.YAMLError)
+
+
+def test_pretrained_path_checked_only_when_pretrained(tmp_path):
+    assert load_config(write(tmp_path, f"model:\n  pretrained_path: {MISSING}\n")).model.pretrained_path == MISSING
+    weights = write(tmp_path, "", name="enc.pth")
+    cfg = load_config(write(tmp_path, f"model:\n  pretrained: true\n  pretrained_path: {weights}\n"))
+    assert cfg.model.pretrained_path == str(weights)
+
+
+def test_round_trip(tmp_path):
+    weights = write(tmp_path, "", name="enc.pth")
+    cfg = Config(
+        ModelConfig(arch="yolov3-tiny", num_classes=3, anchors=[[10.5, 14], *TINY_ANCHORS[1:]],
+                    pretrained=True, pretrained_path=str(weights)),
+        DataConfig(img_size=608),
+    )
+    d = config_to_dict(cfg)
+    assert d["model"]["anchors"][0] == [10.5, 14]
+    assert d["data"] == {"img_size": 608}
+    assert config_from_dict(yaml.safe_load(yaml.safe_dump(d))) == cfg
+    save_config(cfg, tmp_path / "saved.yaml")
+    assert load_config(tmp_path / "saved.yaml") == cfg
+
+
+def test_select_device_cpu():
+    assert select_device(-1) == torch.device("cpu")
+    expected = "cuda:0" if torch.cuda.is_available() else "cpu"
+    assert select_device(None) == torch.device(expected)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() > 5, reason="cuda:5 exists here")
+def test_select_device_missing_gpu():
+    with pytest.raises(ConfigError) as e:
+        select_device(5)
+    assert "--gpu 5" in str(e.value)
+    assert f"this machine has {torch.cuda.device_count()} CUDA device(s)" in str(e.value)
+
+
+def test_parse_cli_turns_config_errors_into_one_line_exit(tmp_path):
+    parser = argparse.ArgumentParser()
+    add_config_args(parser)
+    path = write(tmp_path, "data:\n  img_size: 320\n")
+    args, cfg, device = parse_cli(parser, ["--config", str(path), "--gpu", "-1"])
+    assert (cfg.data.img_size, device.type) == (320, "cpu")
+    with pytest.raises(SystemExit, match=r"config error: --set: data.img_size=321: must be a positive multiple of 32; use 320 or 352"):
+        parse_cli(parser, ["--config", str(path), "--set", "data.img_size=321"])
+    if torch.cuda.device_count() <= 7:
+        with pytest.raises(SystemExit, match="config error: --gpu 7: no such CUDA device"):
+            parse_cli(parser, ["--config", str(path), "--gpu", "7"])

@@ -1,0 +1,1 @@
+"""Small command-line helpers (run as python -m tools.<name>)."""

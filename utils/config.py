@@ -1,0 +1,307 @@
+"""The run configuration: one YAML file (args.yaml) parsed into typed dataclasses.
+
+The file is grouped in sections (``model:``, ``data:``), one dataclass each. Any
+group or key may be left out to get its default. ``--set group.key=value``
+overrides a value from the command line; the value is parsed as YAML.
+
+To add a setting, add a typed field with a default to its section dataclass; its
+type is checked from the hint, and value constraints go in that section's
+``check()``. To add a section, write such a dataclass and add it as a field of
+``Config``.
+
+Every problem raises ConfigError reading ``SOURCE: group.key=VALUE: what is
+wrong / what would be right``, where SOURCE is the file or ``--set``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+import yaml
+
+from models import DARKNET_ANCHORS, ENCODERS
+
+
+class ConfigError(ValueError):
+    """A config value that cannot be used; the message says where it came from and why."""
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads 1e-3, 1E5 and 2.5e4 as floats.
+
+    YAML 1.1 (PyYAML) wants a dot and a signed exponent, so it would read
+    these as strings and a learning rate written the usual way would fail.
+    """
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
+def _fail(source: str, key: str, value: Any, problem: str) -> NoReturn:
+    raise ConfigError(f"{source}: {key}={value!r}: {problem}")
+
+
+def _unknown(what: str, name: Any, valid: Iterable[str]) -> str:
+    valid = list(valid)
+    close = difflib.get_close_matches(str(name), valid, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"unknown {what} {name!r}; {hint}valid {what}s: {', '.join(valid)}"
+
+
+@dataclass(frozen=True)
+class _Origin:
+    """Where one section's values came from, so errors can name the file or --set."""
+
+    file: str
+    group: str
+    overridden: frozenset[str]
+
+    def fail(self, key: str, value: Any, problem: str) -> NoReturn:
+        full = f"{self.group}.{key}"
+        _fail("--set" if full in self.overridden else self.file, full, value, problem)
+
+
+
+
+def _choices(names: Iterable[str]) -> str:
+    return ", ".join(repr(n) for n in names)
+
+
+@dataclass
+class ModelConfig:
+    """Network architecture and its initial weights."""
+
+    arch: str = "yolov3"
+    encoder: str = "darknet53"
+    num_classes: int = 80
+    anchors: list[list[int | float]] | None = None  # None: Darknet defaults for the arch
+    pretrained: bool = False  # load ImageNet weights into the encoder
+    pretrained_path: str | None = None  # local encoder weights file instead of the default source
+
+    def check(self, origin: _Origin) -> None:
+        """Raise ConfigError for values the model cannot be built with."""
+        if self.arch not in ENCODERS:
+            origin.fail("arch", self.arch, f"unknown architecture; use one of {_choices(ENCODERS)}")
+        if self.encoder not in ENCODERS[self.arch]:
+            origin.fail("encoder", self.encoder,
+                        f"not an encoder for {self.arch}; use {_choices(ENCODERS[self.arch])}"
+                        + (" (yolov3-tiny has its own fixed backbone)" if self.arch == "yolov3-tiny" else ""))
+        if self.num_classes < 1:
+            origin.fail("num_classes", self.num_classes, "must be at least 1")
+        if self.anchors is not None:
+            expected = len(DARKNET_ANCHORS[self.arch])
+            if len(self.anchors) != expected:
+                origin.fail("anchors", self.anchors,
+                            f"expected {expected} [w, h] pairs for {self.arch}, found {len(self.anchors)}")
+            for pair in self.anchors:
+                if len(pair) != 2 or min(pair) <= 0:
+                    origin.fail("anchors", self.anchors, f"anchor {pair!r} is not two positive numbers [w, h]")
+        if self.pretrained and self.pretrained_path is None and self.encoder == "darknet53":
+            origin.fail("pretrained_path", None, "pretrained darknet53 loads darknet53.conv.74 from this path; fetch "
+                        "it with models/weights/download_darknet_weights.sh and give its path")
+        if self.pretrained and self.pretrained_path is not None and not Path(self.pretrained_path).is_file():
+            origin.fail("pretrained_path", self.pretrained_path,
+                        f"no such file {str(Path(self.pretrained_path).resolve())!r}; "
+                        "give an existing weights file, or null for the default weights")
+
+
+@dataclass
+class DataConfig:
+    """Input images."""
+
+    img_size: int = 416  # the network downsamples by 32
+
+    def check(self, origin: _Origin) -> None:
+        """Raise ConfigError for values the data pipeline cannot use."""
+        if self.img_size <= 0 or self.img_size % 32:
+            below = self.img_size // 32 * 32
+            fix = "use 32" if below < 32 else f"use {below} or {below + 32}"
+            origin.fail("img_size", self.img_size, f"must be a positive multiple of 32; {fix}")
+
+
+@dataclass
+class Config:
+    """The whole run configuration, one field per YAML group."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+_SECTIONS: dict[str, type] = typing.get_type_hints(Config)
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def _conform(value: Any, tp: Any) -> Any:
+    """Return value as type tp (an int widened to float), or raise _Mismatch."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            try:
+                return _conform(value, arg)
+            except _Mismatch:
+                pass
+        raise _Mismatch
+    if origin is list:
+        if not isinstance(value, list):
+            raise _Mismatch
+        return [_conform(v, args[0]) for v in value]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)  # YAML writes 1.0 as 1
+    # bool subclasses int, but true for an int setting is a mistake, not 1
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise _Mismatch
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin is list:
+        return f"list[{_type_name(args[0])}]"
+    return "null" if tp is type(None) else tp.__name__
+
+
+def _build_section(cls: type, raw: dict, origin: _Origin) -> Any:
+    """Type-check raw against cls's fields, build it and run its check()."""
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, value in raw.items():
+        if key not in hints:
+            origin.fail(key, value, _unknown(f"{origin.group} key", key, hints))
+        try:
+            values[key] = _conform(value, hints[key])
+        except _Mismatch:
+            origin.fail(key, value, f"expected {_type_name(hints[key])}")
+    section = cls(**values)
+    section.check(origin)
+    return section
+
+
+def _groups(d: Any, source: str) -> dict[str, dict]:
+    """Split the top-level mapping into per-group dicts (copies; d is not changed)."""
+    if d is None:  # an empty file
+        d = {}
+    if not isinstance(d, dict):
+        raise ConfigError(f"{source}: expected a mapping of groups ({', '.join(_SECTIONS)}), got {d!r}")
+    groups = {}
+    for name, body in d.items():
+        if name not in _SECTIONS:
+            _fail(source, name, body, _unknown("group", name, _SECTIONS))
+        if body is not None and not isinstance(body, dict):
+            keys = ", ".join(typing.get_type_hints(_SECTIONS[name]))
+            _fail(source, name, body, f"expected a mapping of {name} keys ({keys})")
+        groups[name] = dict(body or {})
+    return groups
+
+
+def _apply_overrides(groups: dict[str, dict], overrides: Sequence[str]) -> frozenset[str]:
+    """Write each group.key=value into groups and return the keys set this way."""
+    keys = set()
+    for item in overrides:
+        key, eq, text = item.partition("=")
+        group, dot, name = key.strip().partition(".")
+        if not (eq and dot and group and name):
+            raise ConfigError(f"--set: {item!r}: expected the form group.key=value, e.g. data.img_size=320")
+        if group not in _SECTIONS:
+            _fail("--set", key, text, _unknown("group", group, _SECTIONS))
+        try:
+            value = _yaml_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set: {key}={text!r}: value is not valid YAML: {e}") from e
+        groups.setdefault(group, {})[name] = value
+        keys.add(f"{group}.{name}")
+    return frozenset(keys)
+
+
+def config_from_dict(d: dict, source: str = "<dict>", overrides: Sequence[str] = ()) -> Config:
+    """Validate a nested dict (as in args.yaml or a checkpoint), apply overrides, and build a Config."""
+    groups = _groups(d, source)
+    overridden = _apply_overrides(groups, overrides)
+    return Config(**{
+        name: _build_section(cls, groups.get(name, {}), _Origin(source, name, overridden))
+        for name, cls in _SECTIONS.items()
+    })
+
+
+def load_config(path: str | Path = "args.yaml", overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML config file, apply "group.key=value" overrides, validate, and build a Config."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config file: {e}") from e
+    try:
+        raw = _yaml_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from e
+    return config_from_dict(raw, str(path), overrides)
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """Return cfg as plain nested dicts and lists, safe for yaml.safe_dump and config_from_dict."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write cfg to path as YAML that load_config reads back to an equal Config."""
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    """Add --config, --set (collected into args.overrides) and --gpu to parser."""
+    parser.add_argument("--config", default="args.yaml", metavar="PATH", help="YAML config file (default: args.yaml)")
+    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override config values, e.g. --set data.img_size=320 model.arch=yolov3-tiny")
+    parser.add_argument("--gpu", type=int, default=None, metavar="N",
+                        help="CUDA device index; -1 forces CPU (default: cuda:0 if available, else CPU)")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Load the Config named by parsed --config/--set arguments."""
+    return load_config(args.config, args.overrides)
+
+
+def parse_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None
+              ) -> tuple[argparse.Namespace, Config, torch.device]:
+    """For scripts: parse argv, load the config and pick the device; a bad config or --gpu exits with one line."""
+    args = parser.parse_args(argv)
+    try:
+        return args, config_from_args(args), select_device(args.gpu)
+    except ConfigError as e:
+        raise SystemExit(f"config error: {e}") from e
+
+
+def select_device(gpu: int | None) -> torch.device:
+    """Return the device for --gpu: None picks cuda:0 if available else CPU, -1 forces CPU."""
+    if gpu is None:
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    if gpu == -1:
+        return torch.device("cpu")
+    count = torch.cuda.device_count()
+    if not 0 <= gpu < count:
+        valid = f"use 0..{count - 1}, or -1 for CPU" if count else "use -1 or leave --gpu out for CPU"
+        raise ConfigError(f"--gpu {gpu}: no such CUDA device; this machine has {count} CUDA device(s); {valid}")
+    return torch.device(f"cuda:{gpu}")

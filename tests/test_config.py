@@ -298,7 +298,8 @@ def test_parse_cli_turns_config_errors_into_one_line_exit(tmp_path):
     path = write(tmp_path, "data:\n  img_size: 320\n")
     args, cfg, device = parse_cli(parser, ["--config", str(path), "--gpu", "-1"])
     assert (cfg.data.img_size, device.type) == (320, "cpu")
-    with pytest.raises(SystemExit, match=r"config error: --set: data.img_size=321: must be a positive multiple of 32; use 320 or 352"):
+    message = r"config error: --set: data.img_size=321: must be a positive multiple of 32; use 320 or 352"
+    with pytest.raises(SystemExit, match=message):
         parse_cli(parser, ["--config", str(path), "--set", "data.img_size=321"])
     if torch.cuda.device_count() <= 7:
         with pytest.raises(SystemExit, match="config error: --gpu 7: no such CUDA device"):

@@ -2,6 +2,7 @@
 
 import argparse
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -197,7 +198,7 @@ BAD_FILES = [
     (f"model:\n  pretrained: true\n  pretrained_path: {MISSING}\n",
      [f"model.pretrained_path='{MISSING}'", "no such file"]),
     ("model: 3\n", ["model=3", "expected a mapping of model keys"]),
-    ("data: [320]\n", ["data=[320]", "expected a mapping of data keys (img_size)"]),
+    ("data: [320]\n", ["data=[320]", "expected a mapping of data keys (root, train_images"]),
     ("- model\n- data\n", ["['model', 'data']", "expected a mapping of groups"]),
 ]
 
@@ -214,7 +215,7 @@ def test_bad_file_values_raise_with_file_key_and_value(tmp_path, text, parts):
 
 
 @pytest.mark.parametrize("override, parts", [
-    ("data.img_sise=320", ["data.img_sise=320", "did you mean 'img_size'?", "valid data keys: img_size"]),
+    ("data.img_sise=320", ["data.img_sise=320", "did you mean 'img_size'?", "valid data keys: root, train_images"]),
     ("modle.arch=yolov3", ["modle.arch='yolov3'", "did you mean 'model'?"]),
     ("data.img_size=abc", ["data.img_size='abc'", "expected int"]),
     ("data.img_size=1e3", ["data.img_size=1000.0", "expected int"]),
@@ -272,7 +273,7 @@ def test_round_trip(tmp_path):
     )
     d = config_to_dict(cfg)
     assert d["model"]["anchors"][0] == [10.5, 14]
-    assert d["data"] == {"img_size": 608}
+    assert d["data"]["img_size"] == 608 and d["augment"]["affine"]["p"] == 0.5
     assert config_from_dict(yaml.safe_load(yaml.safe_dump(d))) == cfg
     save_config(cfg, tmp_path / "saved.yaml")
     assert load_config(tmp_path / "saved.yaml") == cfg
@@ -304,3 +305,38 @@ def test_parse_cli_turns_config_errors_into_one_line_exit(tmp_path):
     if torch.cuda.device_count() <= 7:
         with pytest.raises(SystemExit, match="config error: --gpu 7: no such CUDA device"):
             parse_cli(parser, ["--config", str(path), "--gpu", "7"])
+
+
+def test_data_paths_default_from_root_and_can_be_set_one_by_one(tmp_path):
+    cfg = load_config(write(tmp_path, "data:\n  root: /d/coco\n  val_images: /elsewhere/val\n"))
+    assert cfg.data.split_paths("train") == (Path("/d/coco/images/train2017"),
+                                             Path("/d/coco/annotations/instances_train2017.json"))
+    assert cfg.data.split_paths("val") == (Path("/elsewhere/val"), Path("/d/coco/annotations/instances_val2017.json"))
+
+
+def test_nested_set_changes_one_augment_entry(tmp_path):
+    path = write(tmp_path, "augment:\n  affine: {p: 0.3, scale: [0.5, 1.5]}\n")
+    cfg = load_config(path, ["augment.affine.p=0", "augment.clahe.clip_limit=2.0"])
+    assert cfg.augment.affine == {"p": 0, "scale": [0.5, 1.5]}
+    assert cfg.augment.clahe == {"p": 0.1, "clip_limit": 2.0}  # the default entry, one argument changed
+    with pytest.raises(ConfigError, match=r"--set: data.img_size=416: is not a mapping"):
+        load_config(path, ["data.img_size.x=1"])
+
+
+@pytest.mark.parametrize("override, parts", [
+    ("augment.affine={p: 1.5}", ["augment.affine", "p=1.5 must be a probability"]),
+    ("augment.affine.scales=[1,2]", ["augment.affine", "unknown argument(s) ['scales'] for Albumentations Affine"]),
+    ("augment.gauss_noise.std_range=[0.5,0.1]", ["augment.gauss_noise", "Albumentations GaussNoise rejects"]),
+    ("augment.mosaic={p: 1}", ["augment.mosaic", "unknown augment key 'mosaic'"]),
+    ("data.multiscale=[320,600]", ["data.multiscale=[320, 600]", "entry 600 must be a positive multiple of 32"]),
+    ("data.multiscale=[608,320]", ["data.multiscale", "min <= max"]),
+    ("train.subdivisions=3", ["train.subdivisions=3", "divide train.batch_size (64)"]),
+    ("data.workers=-1", ["data.workers=-1"]),
+])
+def test_bad_data_augment_train_values(tmp_path, override, parts):
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, ""), [override])
+    message = str(info.value)
+    assert message.startswith("--set: ")
+    for part in parts:
+        assert part in message

@@ -123,18 +123,109 @@ class ModelConfig:
                         "give an existing weights file, or null for the default weights")
 
 
+def _check_size(origin: _Origin, key: str, value: Any, size: int) -> None:
+    """Image sizes must be positive multiples of 32, the network's largest stride."""
+    if size <= 0 or size % 32:
+        below = size // 32 * 32
+        fix = "use 32" if below < 32 else f"use {below} or {below + 32}"
+        entry = "" if value == size else f"entry {size} "
+        origin.fail(key, value, f"{entry}must be a positive multiple of 32; {fix}")
+
+
 @dataclass
 class DataConfig:
-    """Input images."""
+    """Where the COCO-format data lives and how batches are formed."""
 
+    root: str = "data/coco"  # COCO 2017 layout: images/{train,val}2017, annotations/instances_{train,val}2017.json
+    train_images: str | None = None  # None: <root>/images/train2017
+    train_annotations: str | None = None  # None: <root>/annotations/instances_train2017.json
+    val_images: str | None = None
+    val_annotations: str | None = None
     img_size: int = 416  # the network downsamples by 32
+    multiscale: list[int] | None = field(default_factory=lambda: [320, 608])  # [min, max], step 32; None: img_size
+    multiscale_every: int = 10  # batches between size changes
+    workers: int = 4
+    skip_bad_images: bool = False  # False: an unreadable image is an error; True: skipped with a warning
+    min_box_size: float = 2.0  # pixels; boxes narrower/shorter after augmentation are removed
 
     def check(self, origin: _Origin) -> None:
         """Raise ConfigError for values the data pipeline cannot use."""
-        if self.img_size <= 0 or self.img_size % 32:
-            below = self.img_size // 32 * 32
-            fix = "use 32" if below < 32 else f"use {below} or {below + 32}"
-            origin.fail("img_size", self.img_size, f"must be a positive multiple of 32; {fix}")
+        _check_size(origin, "img_size", self.img_size, self.img_size)
+        if self.multiscale is not None:
+            if len(self.multiscale) != 2 or self.multiscale[0] > self.multiscale[1]:
+                origin.fail("multiscale", self.multiscale, "expected [min, max] with min <= max, or null")
+            for size in self.multiscale:
+                _check_size(origin, "multiscale", self.multiscale, size)
+        if self.multiscale_every < 1:
+            origin.fail("multiscale_every", self.multiscale_every, "must be at least 1")
+        if self.workers < 0:
+            origin.fail("workers", self.workers, "must be 0 (load in the main process) or more")
+        if self.min_box_size < 0:
+            origin.fail("min_box_size", self.min_box_size, "must be >= 0 pixels")
+
+    def split_paths(self, split: str) -> tuple[Path, Path]:
+        """(image folder, annotation file) of split "train" or "val", defaulting from root's COCO 2017 layout."""
+        images, annotations = getattr(self, f"{split}_images"), getattr(self, f"{split}_annotations")
+        root = Path(self.root)
+        return (Path(images) if images else root / "images" / f"{split}2017",
+                Path(annotations) if annotations else root / "annotations" / f"instances_{split}2017.json")
+
+
+def _augment(p: float, **kwargs: Any) -> Any:
+    """Default of one augment entry (a fresh dict per Config)."""
+    return field(default_factory=lambda: {"p": p, **kwargs})
+
+
+@dataclass
+class AugmentConfig:
+    """Training augmentation: each key is an Albumentations 2.x transform (datasets/transforms.py AUGMENTATIONS)
+    with its arguments; p is its probability and p: 0 switches it off."""
+
+    multiplicative_noise: dict[str, Any] = _augment(0.2, multiplier=[0.9, 1.1], per_channel=True)
+    clahe: dict[str, Any] = _augment(0.1, clip_limit=4.0)
+    posterize: dict[str, Any] = _augment(0.1, num_bits=4)
+    to_gray: dict[str, Any] = _augment(0.05)
+    random_brightness_contrast: dict[str, Any] = _augment(0.3, brightness_limit=0.2, contrast_limit=0.2)
+    rgb_shift: dict[str, Any] = _augment(0.2, r_shift_limit=15, g_shift_limit=15, b_shift_limit=15)
+    color_jitter: dict[str, Any] = _augment(0.3, brightness=0.2, contrast=0.2, saturation=0.5, hue=0.02)
+    gauss_noise: dict[str, Any] = _augment(0.1, std_range=[0.02, 0.08])
+    random_fog: dict[str, Any] = _augment(0.05, fog_coef_range=[0.1, 0.3])
+    coarse_dropout: dict[str, Any] = _augment(0.1, num_holes_range=[1, 4], hole_height_range=[0.05, 0.15],
+                                              hole_width_range=[0.05, 0.15])
+    horizontal_flip: dict[str, Any] = _augment(0.5)
+    affine: dict[str, Any] = _augment(0.5, scale=[0.75, 1.25], translate_percent=[-0.1, 0.1])
+
+    def check(self, origin: _Origin) -> None:
+        """Build each transform once so that a bad argument is reported now, naming its key."""
+        from datasets.transforms import make_augmentation  # albumentations is slow to import; only here
+
+        for key, kwargs in dataclasses.asdict(self).items():
+            try:
+                make_augmentation(key, kwargs)
+            except ValueError as e:
+                origin.fail(key, kwargs, str(e))
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings (Darknet's meaning of batch and subdivisions)."""
+
+    batch_size: int = 64  # images per optimiser step
+    subdivisions: int = 4  # micro-batches per step: batch_size / subdivisions images go through the model at once
+    seed: int = 0  # seeds weights, data order and augmentation
+
+    def check(self, origin: _Origin) -> None:
+        """Raise ConfigError for values training cannot use."""
+        if self.batch_size < 1:
+            origin.fail("batch_size", self.batch_size, "must be at least 1")
+        if self.subdivisions < 1 or self.batch_size % self.subdivisions:
+            origin.fail("subdivisions", self.subdivisions,
+                        f"must be >= 1 and divide train.batch_size ({self.batch_size})")
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Images per forward/backward pass."""
+        return self.batch_size // self.subdivisions
 
 
 @dataclass
@@ -143,6 +234,8 @@ class Config:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 _SECTIONS: dict[str, type] = typing.get_type_hints(Config)
@@ -162,10 +255,16 @@ def _conform(value: Any, tp: Any) -> Any:
             except _Mismatch:
                 pass
         raise _Mismatch
+    if tp is Any:
+        return value
     if origin is list:
         if not isinstance(value, list):
             raise _Mismatch
         return [_conform(v, args[0]) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise _Mismatch
+        return {k: _conform(v, args[1]) for k, v in value.items()}
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)  # YAML writes 1.0 as 1
     # bool subclasses int, but true for an int setting is a mistake, not 1
@@ -180,6 +279,10 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in args)
     if origin is list:
         return f"list[{_type_name(args[0])}]"
+    if origin is dict:
+        return "mapping"
+    if tp is Any:
+        return "any value"
     return "null" if tp is type(None) else tp.__name__
 
 
@@ -223,13 +326,20 @@ def _apply_overrides(groups: dict[str, dict], overrides: Sequence[str]) -> froze
         key, eq, text = item.partition("=")
         group, dot, name = key.strip().partition(".")
         if not (eq and dot and group and name):
-            raise ConfigError(f"--set: {item!r}: expected the form group.key=value, e.g. data.img_size=320")
+            raise ConfigError(f"--set: {item!r}: expected the form group.key=value (or group.key.entry=value for a "
+                              "mapping), e.g. data.img_size=320")
         if group not in _SECTIONS:
             _fail("--set", key, text, _unknown("group", group, _SECTIONS))
         try:
             value = _yaml_load(text)
         except yaml.YAMLError as e:
             raise ConfigError(f"--set: {key}={text!r}: value is not valid YAML: {e}") from e
+        name, _, sub = name.partition(".")
+        if sub:  # group.key.sub=value sets one entry of a mapping-valued key, e.g. augment.affine.p=0
+            base = groups.setdefault(group, {}).get(name, getattr(_SECTIONS[group](), name, {}))
+            if not isinstance(base, dict):
+                _fail("--set", f"{group}.{name}", base, f"is not a mapping, so {key} cannot be set")
+            value = {**base, sub: value}
         groups.setdefault(group, {})[name] = value
         keys.add(f"{group}.{name}")
     return frozenset(keys)

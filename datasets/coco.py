@@ -1,0 +1,203 @@
+"""COCO-format detection dataset: validated annotations, robust image decoding, letterboxed samples."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from pycocotools.coco import COCO
+from torchvision.datasets import CocoDetection as TorchvisionCocoDetection
+from torchvision.datasets import VisionDataset
+
+from datasets.transforms import Preprocess
+
+log = logging.getLogger(__name__)
+
+# The keys every entry must have (COCO's "Data format", https://cocodataset.org/#format-data).
+REQUIRED_KEYS = {"images": ("id", "file_name", "width", "height"),
+                 "annotations": ("id", "image_id", "category_id", "bbox"),
+                 "categories": ("id", "name")}
+
+Sample = tuple[torch.Tensor, torch.Tensor, dict[str, Any]]
+
+
+class DatasetError(ValueError):
+    """An annotation file or image that cannot be used; the message names the file and the problem."""
+
+
+def read_coco_json(path: Path) -> dict:
+    """Load a COCO instances file and check its structure; errors name the file, the entry and the key."""
+    if not path.is_file():
+        raise FileNotFoundError(f"annotation file not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{path}: not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise DatasetError(f"{path}: the top level must be an object with {', '.join(REQUIRED_KEYS)}")
+    for section, keys in REQUIRED_KEYS.items():
+        if not isinstance(data.get(section), list):
+            raise DatasetError(f"{path}: missing or not a list: key {section!r}")
+        for i, entry in enumerate(data[section]):
+            if not isinstance(entry, dict):
+                raise DatasetError(f"{path}: {section}[{i}] is not an object: {entry!r}")
+            missing = [k for k in keys if k not in entry]
+            if missing:
+                raise DatasetError(f"{path}: {section}[{i}] (id {entry.get('id', '?')}) lacks key {missing[0]!r}; "
+                                   f"every entry of {section!r} needs {keys}")
+    for section in REQUIRED_KEYS:
+        ids = Counter(entry["id"] for entry in data[section])
+        duplicates = [i for i, n in ids.items() if n > 1]
+        if duplicates:
+            raise DatasetError(f"{path}: duplicate {section} id(s) {duplicates[:5]}")
+    for entry in data["images"]:
+        if not all(isinstance(entry[k], int | float) and entry[k] > 0 for k in ("width", "height")):
+            raise DatasetError(f"{path}: image id {entry['id']}: width={entry['width']!r} height={entry['height']!r},"
+                               " expected positive numbers")
+    for entry in data["annotations"]:
+        bbox = entry["bbox"]
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, int | float) for v in bbox)):
+            raise DatasetError(f"{path}: annotation id {entry['id']}: bbox must be 4 numbers [x, y, w, h], "
+                               f"got {bbox!r}")
+    return data
+
+
+def image_boxes(data: dict, path: Path, category_to_class: dict[int, int]
+                ) -> tuple[dict[int, tuple[np.ndarray, np.ndarray]], Counter]:
+    """Per image id: xyxy boxes (K, 4) clipped to the image and classes (K,); plus counts of what was dropped.
+
+    Dropped: crowd regions (never positives), non-finite or non-positive sizes, boxes with no area inside the image.
+    """
+    images = {img["id"]: img for img in data["images"]}
+    anns = data["annotations"]
+    for a in anns:
+        if a["image_id"] not in images:
+            raise DatasetError(f"{path}: annotation id {a['id']} refers to image_id {a['image_id']}, "
+                               "which is not in 'images'")
+        if a["category_id"] not in category_to_class:
+            raise DatasetError(f"{path}: annotation id {a['id']} has category_id {a['category_id']}, which is not "
+                               f"in 'categories' ({sorted(category_to_class)})")
+    image_ids = np.array([a["image_id"] for a in anns], np.int64)
+    xywh = np.array([a["bbox"] for a in anns], np.float64).reshape(-1, 4)
+    crowd = np.array([bool(a.get("iscrowd", 0)) for a in anns], bool)
+    classes = np.array([category_to_class[a["category_id"]] for a in anns], np.int64)
+    sizes = np.array([(images[i]["width"], images[i]["height"]) for i in image_ids], np.float64).reshape(-1, 2)
+
+    finite = np.isfinite(xywh).all(1)
+    positive = finite & (xywh[:, 2] > 0) & (xywh[:, 3] > 0)
+    xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)
+    xyxy = np.clip(np.nan_to_num(xyxy), 0, np.tile(sizes, 2))
+    inside = positive & (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
+    keep = inside & ~crowd
+    dropped = Counter({"crowd": int(crowd.sum()), "non-finite": int((~finite & ~crowd).sum()),
+                       "zero or negative size": int((finite & ~positive & ~crowd).sum()),
+                       "outside the image": int((positive & ~inside & ~crowd).sum())})
+
+    order = np.argsort(image_ids[keep], kind="stable")
+    kept_ids, kept_boxes, kept_classes = image_ids[keep][order], xyxy[keep][order], classes[keep][order]
+    starts = np.searchsorted(kept_ids, list(images))
+    ends = np.searchsorted(kept_ids, list(images), side="right")
+    per_image = {i: (kept_boxes[s:e].astype(np.float32), kept_classes[s:e])
+                 for i, s, e in zip(images, starts, ends, strict=True)}
+    return per_image, +dropped
+
+
+class CocoDetection(TorchvisionCocoDetection):
+    """torchvision's CocoDetection with validated annotations, contiguous classes and letterboxed samples.
+
+    `dataset[i]` or `dataset[(i, size)]` -> (image (3, size, size) float [0, 1], targets (K, 5)
+    [class, cx, cy, w, h] in input pixels, meta {image_id, orig_size (h, w), letterbox}); None for an unreadable
+    image when `skip_bad_images` (the collate drops it).
+    """
+
+    def __init__(self, img_folder: str | Path, ann_file: str | Path, preprocess: Preprocess, img_size: int,
+                 skip_bad_images: bool = False) -> None:
+        # CocoDetection.__init__ hands the file to pycocotools unchecked; we validate it first, then index it.
+        VisionDataset.__init__(self, str(img_folder))
+        self.ann_file = Path(ann_file)
+        data = read_coco_json(self.ann_file)
+        self.coco = COCO()
+        self.coco.dataset = data
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
+            self.coco.createIndex()
+        self.ids = sorted(self.coco.imgs)
+        if not self.ids:
+            raise DatasetError(f"{self.ann_file}: 'images' is empty")
+        self.category_ids = sorted(self.coco.cats)  # contiguous class i <-> category_ids[i]
+        self.class_names = [self.coco.cats[c]["name"] for c in self.category_ids]
+        self.category_to_class = {c: i for i, c in enumerate(self.category_ids)}
+        self.targets, self.dropped = image_boxes(data, self.ann_file, self.category_to_class)
+        self.preprocess, self.img_size, self.skip_bad_images = preprocess, img_size, skip_bad_images
+        self.root_path = Path(img_folder).resolve()
+        if not self.root_path.is_dir():
+            raise FileNotFoundError(f"image folder not found: {img_folder} (for {self.ann_file})")
+        if self.dropped:
+            log.warning("%s: dropped %s annotation(s): %s", self.ann_file, sum(self.dropped.values()),
+                        ", ".join(f"{n} {why}" for why, n in self.dropped.items()))
+
+    def image_path(self, image_id: int) -> Path:
+        """The file of an image id; a file_name that leads outside the image folder is an error."""
+        name = self.coco.imgs[image_id]["file_name"]
+        path = (self.root_path / name).resolve()
+        if not path.is_relative_to(self.root_path):
+            raise DatasetError(f"{self.ann_file}: image id {image_id} file_name {name!r} leads outside {self.root}")
+        return path
+
+    def _load_image(self, id: int) -> np.ndarray:  # noqa: A002 (torchvision's signature)
+        """Decode an image to (H, W, 3) uint8 RGB in the pixel frame its annotations use."""
+        info, path = self.coco.imgs[id], self.image_path(id)
+        # IMREAD_COLOR gives 3 channels, 8 bits from greyscale, RGBA, CMYK and 16-bit files alike.
+        image = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+        if image is None:
+            if not path.is_file():
+                raise FileNotFoundError(f"image not found: {path} (image id {id} in {self.ann_file})")
+            raise DatasetError(f"{path}: cannot be decoded as an image (image id {id} in {self.ann_file})")
+        expected = (info["height"], info["width"])
+        if image.shape[:2] != expected and image.shape[1::-1] == expected:
+            # annotated as displayed: apply the EXIF orientation, which swaps the sides
+            image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if image.shape[:2] != expected:
+            raise DatasetError(f"{path}: decoded size {image.shape[1]}x{image.shape[0]} differs from the annotation's "
+                               f"{info['width']}x{info['height']} (image id {id} in {self.ann_file})")
+        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+    def _load_target(self, id: int) -> tuple[np.ndarray, np.ndarray]:  # noqa: A002
+        """(K, 4) xyxy boxes in original pixels and (K,) contiguous classes, crowd and degenerate boxes removed."""
+        return self.targets[id]
+
+    def __getitem__(self, key: int | tuple[int, int]) -> Sample | None:
+        """Sample `key` = index or (index, input size); see the class docstring."""
+        index, size = key if isinstance(key, tuple) else (key, self.img_size)
+        image_id = self.ids[index]
+        try:
+            image = self._load_image(image_id)
+        except (OSError, DatasetError) as e:
+            if not self.skip_bad_images:
+                raise
+            warnings.warn(f"skipping an unreadable image: {e}", stacklevel=2)
+            return None
+        boxes, classes = self._load_target(image_id)
+        tensor, targets, letterbox = self.preprocess(image, boxes, classes, size)
+        return tensor, targets, {"image_id": image_id, "orig_size": image.shape[:2], "letterbox": letterbox}
+
+
+def collate(batch: list[Sample | None]) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, Any]]]:
+    """Samples -> images (B, 3, S, S), targets (K, 6) [batch_index, class, cx, cy, w, h], metas (B dicts).
+
+    Skipped samples (None) are left out, so B can be smaller than the batch asked for (0 when all were skipped).
+    """
+    batch = [b for b in batch if b is not None]
+    if not batch:
+        return torch.zeros(0, 3, 0, 0), torch.zeros(0, 6), []
+    images = torch.stack([b[0] for b in batch])
+    targets = torch.cat([torch.nn.functional.pad(b[1], (1, 0), value=float(i)) for i, b in enumerate(batch)])
+    return images, targets, [b[2] for b in batch]
+

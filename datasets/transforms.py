@@ -1,0 +1,135 @@
+"""Image + box transforms: letterbox (train and val alike) and the Albumentations training augmentation.
+
+The order of work is chosen for speed: the decoded image is first resized to fit the network size, so every
+augmentation runs on at most size x size pixels whatever the source resolution; the grey padding is added last.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+
+PAD_VALUE = 127  # Darknet letterboxes with 0.5 grey (src/image.c letterbox_image)
+
+# The training augmentations, in the order they are applied: args.yaml `augment.<key>` -> Albumentations 2.x class.
+# Colour ops first, then geometry; each key's mapping holds the class's arguments, `p: 0` switches it off.
+AUGMENTATIONS: dict[str, type[A.BasicTransform]] = {
+    "multiplicative_noise": A.MultiplicativeNoise,
+    "clahe": A.CLAHE,
+    "posterize": A.Posterize,
+    "to_gray": A.ToGray,
+    "random_brightness_contrast": A.RandomBrightnessContrast,
+    "rgb_shift": A.RGBShift,
+    "color_jitter": A.ColorJitter,
+    "gauss_noise": A.GaussNoise,
+    "random_fog": A.RandomFog,
+    "coarse_dropout": A.CoarseDropout,
+    "horizontal_flip": A.HorizontalFlip,
+    "affine": A.Affine,
+}
+# Arguments we set: the areas that geometry and dropout uncover are grey like the letterbox padding.
+FIXED_ARGUMENTS = {"affine": {"border_mode": cv2.BORDER_CONSTANT, "fill": PAD_VALUE},
+                   "coarse_dropout": {"fill": PAD_VALUE}}
+
+
+def make_augmentation(key: str, kwargs: dict[str, Any]) -> A.BasicTransform:
+    """One Albumentations transform from its args.yaml entry; unknown or invalid arguments raise ValueError."""
+    cls = AUGMENTATIONS[key]
+    valid = [name for name in inspect.signature(cls.__init__).parameters if name not in ("self", "args", "kwargs")]
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown argument(s) {unknown} for Albumentations {cls.__name__}; valid: {valid}")
+    p = kwargs.get("p", 0.5)
+    if isinstance(p, bool) or not isinstance(p, int | float) or not 0 <= p <= 1:
+        raise ValueError(f"p={p!r} must be a probability in [0, 1]")
+    try:
+        return cls(**{**kwargs, **FIXED_ARGUMENTS.get(key, {})})
+    except Exception as e:  # pydantic's ValidationError and TypeError: report them as a bad config value
+        raise ValueError(f"Albumentations {cls.__name__} rejects {kwargs}: {e}") from e
+
+
+def build_augmentation(augment: dict[str, dict[str, Any]], min_box_size: float, seed: int) -> A.Compose | None:
+    """The training augmentation (in AUGMENTATIONS order, p = 0 left out) on xyxy pixel boxes with `labels`;
+    None when every transform is off.
+
+    Boxes are clipped to the image; boxes narrower or shorter than `min_box_size` pixels afterwards are removed.
+    """
+    transforms = [make_augmentation(key, augment[key]) for key in AUGMENTATIONS if augment[key].get("p", 0.5) > 0]
+    if not transforms:
+        return None
+    boxes = A.BboxParams(format="pascal_voc", label_fields=["labels"], clip=True,
+                         min_width=min_box_size, min_height=min_box_size)
+    moves_boxes = any(isinstance(t, A.DualTransform) for t in transforms)  # colour-only: boxes pass unchanged
+    return A.Compose(transforms, bbox_params=boxes if moves_boxes else None, seed=seed)
+
+
+@dataclass
+class Letterbox:
+    """How an image was letterboxed: input = original * (scale_x, scale_y) + (pad_left, pad_top)."""
+
+    scale_x: float
+    scale_y: float
+    pad_left: int
+    pad_top: int
+
+    def to_original(self, boxes_xyxy: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+        """(K, 4) xyxy in network-input pixels -> (K, 4) xyxy in original-image pixels."""
+        out = boxes_xyxy * 1.0  # a float copy of either type
+        out[:, 0::2] = (boxes_xyxy[:, 0::2] - self.pad_left) / self.scale_x
+        out[:, 1::2] = (boxes_xyxy[:, 1::2] - self.pad_top) / self.scale_y
+        return out
+
+
+def resize_to_fit(image: np.ndarray, size: int) -> tuple[np.ndarray, float, float]:
+    """(H, W, 3) -> (h, w, 3) with max(h, w) = size, aspect ratio kept; returns the image and x, y scales."""
+    height, width = image.shape[:2]
+    scale = size / max(height, width)
+    new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
+    if (new_w, new_h) != (width, height):
+        image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    return image, new_w / width, new_h / height
+
+
+def pad_to_square(image: np.ndarray, size: int) -> tuple[np.ndarray, int, int]:
+    """(h, w, 3) with h, w <= size -> (size, size, 3), centred on grey; returns the image and left, top padding."""
+    height, width = image.shape[:2]
+    left, top = (size - width) // 2, (size - height) // 2
+    if (width, height) == (size, size):
+        return image, 0, 0
+    padded = cv2.copyMakeBorder(image, top, size - height - top, left, size - width - left,
+                                cv2.BORDER_CONSTANT, value=(PAD_VALUE,) * 3)
+    return padded, left, top
+
+
+class Preprocess:
+    """Original image + boxes -> network input at a given size: fit, augment (training only), pad, to tensor."""
+
+    def __init__(self, augmentation: A.Compose | None = None) -> None:
+        self.augmentation = augmentation
+
+    def __call__(self, image: np.ndarray, boxes_xyxy: np.ndarray, classes: np.ndarray, size: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, Letterbox]:
+        """(H, W, 3) uint8 RGB, (K, 4) xyxy px, (K,) -> (3, size, size) float [0, 1], (K', 5) [class, cx, cy, w, h]
+        in input pixels, and the letterbox that maps input pixels back to the original image."""
+        image, scale_x, scale_y = resize_to_fit(image, size)
+        boxes = boxes_xyxy.astype(np.float32) * np.array([scale_x, scale_y, scale_x, scale_y], np.float32)
+        if self.augmentation is not None and self.augmentation.processors:
+            out = self.augmentation(image=image, bboxes=boxes.reshape(-1, 4), labels=classes)
+            image, boxes = out["image"], np.asarray(out["bboxes"], np.float32).reshape(-1, 4)
+            classes = np.asarray(out["labels"]).reshape(-1)
+        elif self.augmentation is not None:
+            image = self.augmentation(image=image)["image"]
+        image, left, top = pad_to_square(image, size)
+        targets = np.empty((len(boxes), 5), np.float32)
+        targets[:, 0] = classes
+        targets[:, 1] = (boxes[:, 0] + boxes[:, 2]) / 2 + left
+        targets[:, 2] = (boxes[:, 1] + boxes[:, 3]) / 2 + top
+        targets[:, 3] = boxes[:, 2] - boxes[:, 0]
+        targets[:, 4] = boxes[:, 3] - boxes[:, 1]
+        tensor = torch.from_numpy(image).permute(2, 0, 1).float().div_(255)
+        return tensor, torch.from_numpy(targets), Letterbox(scale_x, scale_y, left, top)

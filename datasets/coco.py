@@ -136,6 +136,7 @@ class CocoDetection(TorchvisionCocoDetection):
         self.category_to_class = {c: i for i, c in enumerate(self.category_ids)}
         self.targets, self.dropped = image_boxes(data, self.ann_file, self.category_to_class)
         self.preprocess, self.img_size, self.skip_bad_images = preprocess, img_size, skip_bad_images
+        self.skipped = 0  # images skipped as unreadable by this process (each worker counts its own)
         self.root_path = Path(img_folder).resolve()
         if not self.root_path.is_dir():
             raise FileNotFoundError(f"image folder not found: {img_folder} (for {self.ann_file})")
@@ -154,8 +155,9 @@ class CocoDetection(TorchvisionCocoDetection):
     def _load_image(self, id: int) -> np.ndarray:  # noqa: A002 (torchvision's signature)
         """Decode an image to (H, W, 3) uint8 RGB in the pixel frame its annotations use."""
         info, path = self.coco.imgs[id], self.image_path(id)
-        # IMREAD_COLOR gives 3 channels, 8 bits from greyscale, RGBA, CMYK and 16-bit files alike.
-        image = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+        # IMREAD_COLOR_RGB gives 3 channels, 8 bits, RGB (no separate BGR->RGB pass) from greyscale, RGBA, CMYK and
+        # 16-bit files alike.
+        image = cv2.imread(str(path), cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION)
         if image is None:
             if not path.is_file():
                 raise FileNotFoundError(f"image not found: {path} (image id {id} in {self.ann_file})")
@@ -163,11 +165,11 @@ class CocoDetection(TorchvisionCocoDetection):
         expected = (info["height"], info["width"])
         if image.shape[:2] != expected and image.shape[1::-1] == expected:
             # annotated as displayed: apply the EXIF orientation, which swaps the sides
-            image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+            image = cv2.imread(str(path), cv2.IMREAD_COLOR_RGB)
         if image.shape[:2] != expected:
             raise DatasetError(f"{path}: decoded size {image.shape[1]}x{image.shape[0]} differs from the annotation's "
                                f"{info['width']}x{info['height']} (image id {id} in {self.ann_file})")
-        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        return image
 
     def _load_target(self, id: int) -> tuple[np.ndarray, np.ndarray]:  # noqa: A002
         """(K, 4) xyxy boxes in original pixels and (K,) contiguous classes, crowd and degenerate boxes removed."""
@@ -182,7 +184,8 @@ class CocoDetection(TorchvisionCocoDetection):
         except (OSError, DatasetError) as e:
             if not self.skip_bad_images:
                 raise
-            warnings.warn(f"skipping an unreadable image: {e}", stacklevel=2)
+            self.skipped += 1
+            warnings.warn(f"skipping an unreadable image ({self.skipped} so far in this process): {e}", stacklevel=2)
             return None
         boxes, classes = self._load_target(image_id)
         tensor, targets, letterbox = self.preprocess(image, boxes, classes, size)

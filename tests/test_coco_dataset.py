@@ -186,9 +186,10 @@ def test_skip_bad_images_warns_and_collate_drops(tmp_path):
     path = write_coco(tmp_path, [("missing.jpg", 20, 20, None),
                                  ("ok.png", 20, 20, cv2_writer(np.zeros((20, 20, 3), np.uint8)))], [])
     ds = open_dataset(tmp_path, path, skip=True)
-    with pytest.warns(UserWarning, match="skipping an unreadable image: image not found: .*missing.jpg"):
+    with pytest.warns(UserWarning, match=r"skipping an unreadable image \(1 so far in this process\): image not "
+                      "found: .*missing.jpg"):
         sample = ds[0]
-    assert sample is None
+    assert sample is None and ds.skipped == 1
     images, targets, metas = collate([sample, ds[1]])
     assert images.shape == (1, 3, 64, 64) and [m["image_id"] for m in metas] == [2]
     assert collate([None])[0].shape == (0, 3, 0, 0)

@@ -116,3 +116,11 @@ def test_all_default_augmentations_run_and_keep_valid_boxes():
             x1y1 = targets[:, 1:3] - targets[:, 3:] / 2
             x2y2 = targets[:, 1:3] + targets[:, 3:] / 2
             assert (x1y1 >= -1e-3).all() and (x2y2 <= 128 + 1e-3).all() and (targets[:, 3:] >= 2).all()
+
+
+def test_sub_pixel_box_is_dropped_not_an_error():
+    image = np.zeros((100, 100, 3), np.uint8)
+    boxes = np.array([[50, 50, 50 + 1e-9, 60], [10, 10, 30, 30]], np.float32)  # x2 == x1 in float32
+    preprocess = Preprocess(build_augmentation(only("horizontal_flip", {"p": 1.0}), min_box_size=2, seed=0))
+    _, targets, _ = preprocess(image, boxes, np.array([0, 1]), 100)
+    assert targets[:, 0].tolist() == [1.0]

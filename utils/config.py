@@ -228,6 +228,37 @@ class TrainConfig:
         return self.batch_size // self.subdivisions
 
 
+EVAL_BACKENDS = ("pycocotools", "faster_coco_eval")
+
+
+@dataclass
+class EvalConfig:
+    """COCO evaluation: post-processing of predictions and the COCO API that scores them."""
+
+    batch_size: int = 16  # validation images per forward pass
+    conf_threshold: float = 0.001  # score = objectness x class probability; COCO mAP wants a low threshold
+    nms_iou: float = 0.6  # same-class boxes overlapping more than this are suppressed
+    max_det: int = 100  # detections kept per image (COCO's maxDets)
+    max_candidates: int = 10000  # best candidates per image entering NMS (bounds the time on untrained models)
+    multi_label: bool = True  # every class above conf_threshold is a candidate, not only each box's best
+    subset: int | None = None  # evaluate the first N validation images only; None: all
+    backend: str = "pycocotools"  # or faster_coco_eval (same numbers, faster; pip install faster-coco-eval)
+
+    def check(self, origin: _Origin) -> None:
+        """Raise ConfigError for values evaluation cannot use."""
+        for key in ("batch_size", "max_det", "max_candidates"):
+            if getattr(self, key) < 1:
+                origin.fail(key, getattr(self, key), "must be at least 1")
+        if not 0 <= self.conf_threshold < 1:
+            origin.fail("conf_threshold", self.conf_threshold, "must be in [0, 1)")
+        if not 0 < self.nms_iou <= 1:
+            origin.fail("nms_iou", self.nms_iou, "must be in (0, 1]")
+        if self.subset is not None and self.subset < 1:
+            origin.fail("subset", self.subset, "must be at least 1, or null for all images")
+        if self.backend not in EVAL_BACKENDS:
+            origin.fail("backend", self.backend, _unknown("backend", self.backend, EVAL_BACKENDS))
+
+
 @dataclass
 class Config:
     """The whole run configuration, one field per YAML group."""
@@ -236,6 +267,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 _SECTIONS: dict[str, type] = typing.get_type_hints(Config)
@@ -398,8 +430,13 @@ def parse_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None
               ) -> tuple[argparse.Namespace, Config, torch.device]:
     """For scripts: parse argv, load the config and pick the device; a bad config or --gpu exits with one line."""
     args = parser.parse_args(argv)
+    return (args, *cli_config(args))
+
+
+def cli_config(args: argparse.Namespace) -> tuple[Config, torch.device]:
+    """The config and device of parsed arguments; a bad config or --gpu exits with one line."""
     try:
-        return args, config_from_args(args), select_device(args.gpu)
+        return config_from_args(args), select_device(args.gpu)
     except ConfigError as e:
         raise SystemExit(f"config error: {e}") from e
 

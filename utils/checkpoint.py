@@ -1,0 +1,71 @@
+"""Checkpoints: one file, written atomically, read with weights_only=True; and a model from a weights file."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models import YOLO, build_model
+from utils.config import Config, ConfigError, config_from_dict
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file and why."""
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
+    """torch.save `state` to `path` through a temporary file and a rename, so `path` is never half written."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint with weights_only=True: tensors and plain containers only, never arbitrary code."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: refused to load: it holds objects other than tensors and plain containers "
+                              f"(weights_only=True), so it is not a checkpoint written by this project and could run "
+                              f"code when unpickled. Detail: {str(e).splitlines()[0]}") from e
+    except (RuntimeError, EOFError) as e:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or another format?): {e}") from e
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise CheckpointError(f"{path}: a checkpoint of this project is a dict with 'model' and 'config' keys")
+    return state
+
+
+def load_model(path: str | Path, cfg: Config) -> tuple[YOLO, Config]:
+    """A model from a training checkpoint (.pt: its own model config, EMA weights when present) or a Darknet
+    .weights file (built from cfg.model); returns it with the config whose `model` section describes it."""
+    path = Path(path)
+    if path.suffix != ".pt":
+        model = build_model(cfg.model.arch, cfg.model.encoder, cfg.model.num_classes, cfg.model.anchors)
+        part = model.load_darknet_weights(path)
+        if part != "full model":
+            raise CheckpointError(f"{path} holds only the {part} backbone; evaluation needs a full model")
+        return model, cfg
+    state = load_checkpoint(path)
+    try:
+        model_cfg = config_from_dict(state["config"], str(path)).model
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: its stored config is invalid: {e}") from e
+    model = build_model(model_cfg.arch, model_cfg.encoder, model_cfg.num_classes, model_cfg.anchors)
+    weights = state.get("ema") or state["model"]
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not fit the {model_cfg.arch}/{model_cfg.encoder} model its config "
+                              f"describes: {e}") from e
+    return model, dataclasses.replace(cfg, model=model_cfg)

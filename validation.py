@@ -1,0 +1,100 @@
+"""COCO evaluation of a training checkpoint (.pt) or a Darknet .weights file with the official COCO API.
+
+    python validation.py --weights logs/<run>/best.pt
+    python validation.py --weights models/weights/yolov3.weights --img-size 608 --conf 0.001 0.01 0.1 0.5
+    python validation.py --weights W --subset 500 --per-class --save-json
+
+A .pt checkpoint brings its own model config; a .weights file is read into the model of args.yaml's `model:`
+section. The data and the post-processing come from the config (`data:`, `eval:`) and the options below. Results
+are written next to the weights (or into --out): <stem>_val<size>.json with every number, and with --save-json
+the detections in the COCO results format.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from datasets.coco import DatasetError
+from datasets.loader import build_dataset, build_loader
+from utils.checkpoint import CheckpointError, load_model
+from utils.config import add_config_args, cli_config, config_to_dict
+from utils.evaluation import coco_evaluate, evaluate, rows_to_json, save_json
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: config options plus the evaluation's own."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser)
+    parser.add_argument("--weights", required=True, type=Path, help="checkpoint (.pt) or Darknet .weights file")
+    parser.add_argument("--img-size", type=int, help="input size (default: data.img_size)")
+    parser.add_argument("--conf", type=float, nargs="+", help="score threshold(s); several print an AP/AP50 table "
+                        "per threshold (default: eval.conf_threshold)")
+    parser.add_argument("--subset", type=int, help="evaluate the first N validation images (default: eval.subset)")
+    parser.add_argument("--save-json", action="store_true", help="also write the detections (COCO results format)")
+    parser.add_argument("--per-class", action="store_true", help="print AP50 per class")
+    parser.add_argument("--out", type=Path, help="folder for the result files (default: next to --weights)")
+    parser.add_argument("--no-fuse", action="store_true", help="keep BatchNorm separate (default: fused)")
+    parser.add_argument("--amp", action="store_true", help="fp16 autocast on CUDA")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Evaluate, print the COCO table(s), write the result files."""
+    args = build_parser().parse_args(argv)
+    # the options are shorthands for config keys, so the config's checks and messages apply to them
+    for key, value in (("data.img_size", args.img_size), ("eval.subset", args.subset),
+                       ("eval.conf_threshold", min(args.conf) if args.conf else None)):
+        if value is not None:
+            args.overrides.append(f"{key}={value}")
+    cfg, device = cli_config(args)
+    if args.conf and max(args.conf) >= 1:
+        raise SystemExit(f"error: --conf {max(args.conf)}: thresholds must be in [0, 1)")
+    try:
+        model, cfg = load_model(args.weights, cfg)
+        dataset = build_dataset(cfg, "val")
+    except (CheckpointError, DatasetError, FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from e
+    if cfg.eval.subset:
+        dataset.ids = dataset.ids[:cfg.eval.subset]
+    if model.num_classes != len(dataset.class_names):
+        raise SystemExit(f"error: {args.weights} predicts {model.num_classes} classes but {dataset.ann_file} has "
+                         f"{len(dataset.class_names)} categories")
+    if not args.no_fuse:
+        model.fuse()
+    loader = build_loader(cfg, dataset, train=False, batch_size=cfg.eval.batch_size, device=device)
+    result = evaluate(model.to(device), loader, cfg.eval, device, amp=args.amp)
+
+    print(result.table)
+    seconds = " ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
+    print(f"{args.weights} | {cfg.model.arch}/{cfg.model.encoder} @ {cfg.data.img_size} | {len(dataset)} images | "
+          f"conf {cfg.eval.conf_threshold} | AP {result.stats['AP']:.4f} AP50 {result.stats['AP50']:.4f} | {seconds}")
+    by_threshold = {}
+    if args.conf and len(args.conf) > 1:
+        print(f"\n{'conf':>8} {'detections':>11} {'AP':>7} {'AP50':>7}")
+        for threshold in sorted(args.conf):
+            # post-processing is monotonic in the threshold: filtering the lowest threshold's output is exact
+            rows = result.rows[result.rows[:, 5] > threshold]
+            stats, _, _ = coco_evaluate(dataset.coco, rows, dataset.ids, dataset.class_names, cfg.eval.backend)
+            by_threshold[threshold] = {"detections": len(rows), "AP": stats["AP"], "AP50": stats["AP50"]}
+            print(f"{threshold:>8} {len(rows):>11} {stats['AP']:>7.4f} {stats['AP50']:>7.4f}")
+    if args.per_class:
+        print(f"\n{'class':<20} {'AP50':>7}")
+        for name, ap in sorted(result.per_class_ap50.items(), key=lambda kv: -np.nan_to_num(kv[1], nan=-1)):
+            print(f"{name:<20} {ap:>7.4f}")
+
+    out = args.out or args.weights.parent
+    stem = f"{args.weights.stem}_val{cfg.data.img_size}"
+    metrics = {"weights": str(args.weights), "images": len(dataset), "stats": result.stats,
+               "per_class_ap50": {k: None if np.isnan(v) else v for k, v in result.per_class_ap50.items()},
+               "by_conf": by_threshold, "seconds": result.seconds, "config": config_to_dict(cfg)}
+    save_json(metrics, out / f"{stem}.json")
+    print(f"wrote {out / f'{stem}.json'}")
+    if args.save_json:
+        save_json(rows_to_json(result.rows), out / f"{stem}_detections.json")
+        print(f"wrote {out / f'{stem}_detections.json'} ({len(result.rows)} detections)")
+
+
+if __name__ == "__main__":
+    main()

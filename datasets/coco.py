@@ -5,6 +5,7 @@ import contextlib
 import io
 import json
 import logging
+import random
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -175,9 +176,12 @@ class CocoDetection(TorchvisionCocoDetection):
         """(K, 4) xyxy boxes in original pixels and (K,) contiguous classes, crowd and degenerate boxes removed."""
         return self.targets[id]
 
-    def __getitem__(self, key: int | tuple[int, int]) -> Sample | None:
-        """Sample `key` = index or (index, input size); see the class docstring."""
-        index, size = key if isinstance(key, tuple) else (key, self.img_size)
+    def __getitem__(self, key: int | tuple[int, int] | tuple[int, int, int]) -> Sample | None:
+        """Sample `key` = index, (index, input size) or (index, input size, augmentation seed); see the class
+        docstring. With a seed, the sample's augmentation depends on nothing else."""
+        index, size, seed = (*key, None)[:3] if isinstance(key, tuple) else (key, self.img_size, None)
+        if seed is not None and self.preprocess.augmentation is not None:
+            self.preprocess.augmentation.set_random_state(np.random.default_rng(seed), random.Random(seed))
         image_id = self.ids[index]
         try:
             image = self._load_image(image_id)

@@ -3,65 +3,81 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Sequence, Sized
 
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler, SequentialSampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from datasets.coco import CocoDetection, DatasetError, collate
 from datasets.transforms import Preprocess, build_augmentation
 from utils.config import Config
 
 
-class MultiScaleBatchSampler(Sampler[list[tuple[int, int]]]):
-    """Batches of (index, size) pairs: one input size per batch, redrawn every `every` batches (Darknet's random=1).
+class MultiScaleBatchSampler(Sampler[list[tuple[int, int, int]]]):
+    """Batches of (index, size, sample seed): one input size per batch, redrawn every `every` batches (Darknet's
+    random=1), and a seed for each sample's augmentation.
 
-    The size is decided here, in the main process, so all workers of a batch agree without sharing state; the draw
-    depends only on (seed, epoch, batch number), so runs and DDP ranks with the same seed see the same sizes.
+    Sizes and seeds are decided here, in the main process, from (seed, epoch) only: all workers of a batch agree on
+    its size, the augmentation of a sample does not depend on which worker loads it or how many there are, and a
+    resumed run that skips the first `start_batch` batches of its epoch sees exactly what the unbroken run saw.
     """
 
     def __init__(self, sampler: Sampler[int], batch_size: int, sizes: Sequence[int], every: int = 10,
                  drop_last: bool = False, seed: int = 0) -> None:
         self.sampler, self.batch_size, self.sizes = sampler, batch_size, list(sizes)
-        self.every, self.drop_last, self.seed, self.epoch = every, drop_last, seed, 0
+        self.every, self.drop_last, self.seed, self.epoch, self.start_batch = every, drop_last, seed, 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Change the size sequence (and the DistributedSampler's order) for a new epoch."""
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Start epoch `epoch` (new order and sizes), skipping its first `start_batch` batches (for resuming)."""
+        self.epoch, self.start_batch = epoch, start_batch
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        """Yield [(index, size), ...] per batch."""
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+        """Yield [(index, size, sample seed), ...] per batch."""
         rng = random.Random(self.seed * 1_000_003 + self.epoch)
         batch, number, size = [], 0, self.sizes[0]
         for index in self.sampler:
             if not batch and number % self.every == 0:
                 size = rng.choice(self.sizes)
-            batch.append((index, size))
+            batch.append((index, size, rng.getrandbits(63)))
             if len(batch) == self.batch_size:
-                yield batch
+                if number >= self.start_batch:
+                    yield batch
                 batch, number = [], number + 1
-        if batch and not self.drop_last:
+        if batch and not self.drop_last and number >= self.start_batch:
             yield batch
 
     def __len__(self) -> int:
-        """Number of batches per epoch."""
+        """Number of batches per epoch (not counting the skipped ones)."""
         n = len(self.sampler)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return (n // self.batch_size if self.drop_last else -(-n // self.batch_size)) - self.start_batch
+
+
+class ShardSampler(Sampler[int]):
+    """Indices rank, rank + world, ... of the dataset: each exactly once over all ranks, no padding (so that
+    evaluation gathered from all ranks counts each image once)."""
+
+    def __init__(self, dataset: Sized, rank: int = 0, world: int = 1) -> None:
+        self.dataset, self.rank, self.world = dataset, rank, world
+
+    def __iter__(self) -> Iterator[int]:
+        """This rank's indices in order (of the dataset's current length)."""
+        return iter(range(self.rank, len(self.dataset), self.world))
+
+    def __len__(self) -> int:
+        """How many indices this rank gets."""
+        return len(range(self.rank, len(self.dataset), self.world))
 
 
 def seed_worker(worker_id: int) -> None:
-    """Worker start: distinct, reproducible seeds for numpy, random and the augmentation."""
+    """Worker start: distinct, reproducible seeds for numpy and random (augmentation is seeded per sample)."""
     info = torch.utils.data.get_worker_info()
     seed = info.seed % 2**32  # torch derives it from the DataLoader generator (train.seed) and the worker id
     random.seed(seed)
     np.random.seed(seed)
-    augmentation = info.dataset.preprocess.augmentation
-    if augmentation is not None:
-        augmentation.set_random_seed(seed)
 
 
 def build_dataset(cfg: Config, split: str) -> CocoDetection:
@@ -92,10 +108,13 @@ def build_loader(cfg: Config, dataset: CocoDetection, train: bool, batch_size: i
                  device: torch.device | None = None, distributed: bool = False) -> DataLoader:
     """A DataLoader yielding collate()'s (images, targets, metas); training batches are shuffled and multi-scale."""
     generator = torch.Generator().manual_seed(cfg.train.seed)
-    if distributed:
-        sampler = DistributedSampler(dataset, shuffle=train, seed=cfg.train.seed)
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
+    if train:
+        # DistributedSampler even in one process: its order is a function of (seed, epoch), so resuming at any
+        # epoch reproduces it (RandomSampler's order depends on how many epochs were drawn before).
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.train.seed)
     else:
-        sampler = RandomSampler(dataset, generator=generator) if train else SequentialSampler(dataset)
+        sampler = ShardSampler(dataset, rank, world)
     sizes = train_sizes(cfg) if train else [cfg.data.img_size]
     batches = MultiScaleBatchSampler(sampler, batch_size, sizes, cfg.data.multiscale_every, drop_last=train,
                                      seed=cfg.train.seed)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 from conftest import DATA
-from torch.utils.data import SequentialSampler
+from torch.utils.data import RandomSampler, SequentialSampler
 
 from datasets.loader import MultiScaleBatchSampler, build_dataset, build_loader, train_sizes
 from datasets.shapes import generate_shapes
@@ -25,11 +25,25 @@ def test_multiscale_sampler_one_size_per_batch_and_varied():
                                      every=1, seed=0)
     batches = list(sampler)
     assert len(batches) == len(sampler) == 250
-    sizes = [{size for _, size in batch} for batch in batches]
+    sizes = [{size for _, size, _ in batch} for batch in batches]
     assert all(len(s) == 1 for s in sizes)
     used = {s.pop() for s in sizes}
     assert len(used) >= 8 and all(s % 32 == 0 and 320 <= s <= 608 for s in used)
-    assert [i for batch in batches for i, _ in batch] == list(range(1000))
+    assert [i for batch in batches for i, _, _ in batch] == list(range(1000))
+    seeds = [seed for batch in batches for _, _, seed in batch]
+    assert len(set(seeds)) == 1000  # a distinct augmentation seed per sample
+
+
+def test_sampler_resumes_mid_epoch_exactly():
+    sampler = MultiScaleBatchSampler(RandomSampler(range(100), generator=torch.Generator().manual_seed(0)),
+                                     batch_size=4, sizes=[64, 96, 128], every=2, seed=3)
+    sampler.set_epoch(2)
+    full = list(sampler)
+    sampler.set_epoch(2, start_batch=7)
+    assert len(sampler) == 25 - 7
+    sampler.sampler.generator.manual_seed(0)  # a resumed run's RandomSampler starts from the same generator state
+    resumed = list(sampler)
+    assert resumed == full[7:]
 
 
 def test_multiscale_sampler_every_n_batches_and_epochs():
@@ -77,6 +91,12 @@ def test_augmentation_is_reproducible_from_the_seed_with_workers(shapes_root):
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, second, strict=True))
     other = batches(config(shapes_root, "data.workers=2", "data.multiscale=[64,96]", "train.seed=6"))
     assert not all(torch.equal(a[0], b[0]) for a, b in zip(first, other, strict=True))
+
+
+def test_augmentation_does_not_depend_on_the_number_of_workers(shapes_root):
+    zero = batches(config(shapes_root, "data.workers=0", "data.multiscale=[64,96]", "train.seed=5"))
+    two = batches(config(shapes_root, "data.workers=2", "data.multiscale=[64,96]", "train.seed=5"))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(zero, two, strict=True))
 
 
 def test_workers_do_not_repeat_each_others_augmentation(shapes_root):

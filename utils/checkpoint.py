@@ -62,7 +62,7 @@ def load_model(path: str | Path, cfg: Config) -> tuple[YOLO, Config]:
     except ConfigError as e:
         raise CheckpointError(f"{path}: its stored config is invalid: {e}") from e
     model = build_model(model_cfg.arch, model_cfg.encoder, model_cfg.num_classes, model_cfg.anchors)
-    weights = state.get("ema") or state["model"]
+    weights = state["ema"]["module"] if state.get("ema") else state["model"]  # the EMA is what training evaluated
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:

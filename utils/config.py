@@ -206,26 +206,108 @@ class AugmentConfig:
                 origin.fail(key, kwargs, str(e))
 
 
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULERS = ("steps", "cosine", "constant")
+AMP_MODES = ("fp32", "fp16", "bf16")
+
+
 @dataclass
 class TrainConfig:
-    """Optimisation settings (Darknet's meaning of batch and subdivisions)."""
+    """Optimisation settings (Darknet's meaning of batch, subdivisions, burn_in and steps)."""
 
     batch_size: int = 64  # images per optimiser step
     subdivisions: int = 4  # micro-batches per step: batch_size / subdivisions images go through the model at once
+    steps: int = 500200  # optimiser steps in all (Darknet's max_batches)
+    optimizer: str = "adam"  # adam (the seed's) | sgd (the paper's, with momentum)
+    lr: float = 0.001  # peak learning rate
+    momentum: float = 0.9  # SGD momentum; Adam's beta1
+    weight_decay: float = 0.0005  # not applied to BatchNorm weights and biases
+    burn_in: int = 1000  # warm-up steps: lr * ((step + 1) / burn_in) ** 4 (Darknet's burn_in, power 4)
+    scheduler: str = "steps"  # after burn-in: steps | cosine | constant
+    lr_steps: list[int] = field(default_factory=lambda: [400000, 450000])  # scheduler steps: at these steps ...
+    lr_scales: list[float] = field(default_factory=lambda: [0.1, 0.1])  # ... the lr is multiplied by these
+    cosine_t0: int = 10000  # scheduler cosine: steps of the first cycle (after burn-in)
+    cosine_t_mult: int = 2  # each next cycle is this many times longer
+    cosine_eta_min: float = 0.00001  # lr at the bottom of each cycle
+    amp: str = "fp16"  # mixed precision: fp16 (+ GradScaler; CUDA only, fp32 on the CPU) | bf16 | fp32 (none)
+    clip_grad_norm: float | None = 10.0  # clip the gradient norm (after unscaling); null: no clipping
+    ema: bool = True  # keep an exponential moving average of the weights, used for evaluation
+    ema_decay: float = 0.9999  # EMA decay, ramped up over the first steps (decay * (1 - exp(-step / 2000)))
+    checkpoint_every: int = 1000  # steps between writes of last.pt (also written at exit)
+    patience: int | None = None  # stop after this many evaluations without improvement; null: never
+    sync_bn: bool = False  # under DDP: synchronise BatchNorm statistics across processes
     seed: int = 0  # seeds weights, data order and augmentation
 
     def check(self, origin: _Origin) -> None:
         """Raise ConfigError for values training cannot use."""
-        if self.batch_size < 1:
-            origin.fail("batch_size", self.batch_size, "must be at least 1")
+        for key in ("batch_size", "steps", "cosine_t0", "cosine_t_mult", "checkpoint_every"):
+            if getattr(self, key) < 1:
+                origin.fail(key, getattr(self, key), "must be at least 1")
         if self.subdivisions < 1 or self.batch_size % self.subdivisions:
             origin.fail("subdivisions", self.subdivisions,
                         f"must be >= 1 and divide train.batch_size ({self.batch_size})")
+        for key, choices in (("optimizer", OPTIMIZERS), ("scheduler", SCHEDULERS), ("amp", AMP_MODES)):
+            if getattr(self, key) not in choices:
+                origin.fail(key, getattr(self, key), _unknown(key, getattr(self, key), choices))
+        if self.lr <= 0:
+            origin.fail("lr", self.lr, "must be positive")
+        for key in ("weight_decay", "cosine_eta_min", "burn_in"):
+            if getattr(self, key) < 0:
+                origin.fail(key, getattr(self, key), "must be >= 0")
+        if not 0 <= self.momentum < 1:
+            origin.fail("momentum", self.momentum, "must be in [0, 1)")
+        if not 0 < self.ema_decay < 1:
+            origin.fail("ema_decay", self.ema_decay, "must be in (0, 1)")
+        if len(self.lr_steps) != len(self.lr_scales) or sorted(self.lr_steps) != self.lr_steps:
+            origin.fail("lr_steps", self.lr_steps, f"must be increasing and as many as train.lr_scales "
+                        f"({self.lr_scales})")
+        if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:
+            origin.fail("clip_grad_norm", self.clip_grad_norm, "must be positive, or null for no clipping")
+        if self.patience is not None and self.patience < 1:
+            origin.fail("patience", self.patience, "must be at least 1, or null to never stop early")
 
     @property
     def micro_batch_size(self) -> int:
         """Images per forward/backward pass."""
         return self.batch_size // self.subdivisions
+
+
+@dataclass
+class LossConfig:
+    """YOLOv3 loss (Darknet's yolo_layer.c) and the weight of each term."""
+
+    ignore_threshold: float = 0.7  # no objectness penalty for predictions overlapping a ground truth above this IoU
+    xy_weight: float = 1.0  # BCE on the in-cell centre offset
+    wh_weight: float = 1.0  # squared error of log(w / anchor_w), log(h / anchor_h)
+    obj_weight: float = 1.0  # objectness BCE
+    cls_weight: float = 1.0  # multi-label class BCE
+
+    def check(self, origin: _Origin) -> None:
+        """Raise ConfigError for values the loss cannot use."""
+        if not 0 < self.ignore_threshold <= 1:
+            origin.fail("ignore_threshold", self.ignore_threshold, "must be in (0, 1]")
+        for key in ("xy_weight", "wh_weight", "obj_weight", "cls_weight"):
+            if getattr(self, key) < 0:
+                origin.fail(key, getattr(self, key), "must be >= 0")
+
+
+@dataclass
+class LoggingConfig:
+    """Where runs are written and how often they report."""
+
+    dir: str = "logs"  # run folders are created here: <dir>/<YYmmdd-HHMMSS>_<name>
+    name: str = "yolov3"  # the run's name (no path separators)
+    every: int = 20  # steps between log lines and TensorBoard scalars
+    images: int = 4  # validation images drawn to TensorBoard at each evaluation (0: none)
+
+    def check(self, origin: _Origin) -> None:
+        """Raise ConfigError for values logging cannot use."""
+        if not self.name or any(c in self.name for c in "/\\:"):
+            origin.fail("name", self.name, "must be non-empty without '/', '\\' or ':'")
+        if self.every < 1:
+            origin.fail("every", self.every, "must be at least 1")
+        if self.images < 0:
+            origin.fail("images", self.images, "must be >= 0")
 
 
 EVAL_BACKENDS = ("pycocotools", "faster_coco_eval")
@@ -241,6 +323,8 @@ class EvalConfig:
     max_det: int = 100  # detections kept per image (COCO's maxDets)
     max_candidates: int = 10000  # best candidates per image entering NMS (bounds the time on untrained models)
     multi_label: bool = True  # every class above conf_threshold is a candidate, not only each box's best
+    every: int = 5000  # training: optimiser steps between evaluations (and at the end)
+    metric: str = "AP50"  # training: the number that decides best.pt and early stopping (one of COCO_STATS)
     subset: int | None = None  # evaluate the first N validation images only; None: all
     backend: str = "pycocotools"  # or faster_coco_eval (same numbers, faster; pip install faster-coco-eval)
 
@@ -255,6 +339,12 @@ class EvalConfig:
             origin.fail("nms_iou", self.nms_iou, "must be in (0, 1]")
         if self.subset is not None and self.subset < 1:
             origin.fail("subset", self.subset, "must be at least 1, or null for all images")
+        if self.every < 1:
+            origin.fail("every", self.every, "must be at least 1")
+        from utils.evaluation import COCO_STATS  # evaluation imports this module: import here, not at the top
+
+        if self.metric not in COCO_STATS:
+            origin.fail("metric", self.metric, _unknown("metric", self.metric, COCO_STATS))
         if self.backend not in EVAL_BACKENDS:
             origin.fail("backend", self.backend, _unknown("backend", self.backend, EVAL_BACKENDS))
 
@@ -268,6 +358,8 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 _SECTIONS: dict[str, type] = typing.get_type_hints(Config)

@@ -1,0 +1,192 @@
+"""Training: accumulation, EMA, exact resume, SIGTERM, TensorBoard tags, early stop, DDP, batch overfit."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import DATA
+
+import batch_overfit
+import main as train_main
+from datasets.shapes import generate_shapes
+from models import build_model
+from utils.checkpoint import load_checkpoint
+from utils.config import load_config
+from utils.ema import ModelEMA
+from utils.engine import train_step
+from utils.loss import build_loss
+
+ROOT = DATA.parent.parent
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    generate_shapes(root, num_train=16, num_val=4, seed=0, size=96)
+    return root
+
+
+def run_args(shapes, logs, *overrides):
+    return ["--config", str(ROOT / "args.yaml"), "--device", "cpu", "--set", f"data.root={shapes}",
+            "model.num_classes=6", "model.arch=yolov3-tiny", "data.img_size=64", "data.multiscale=[64,96]",
+            "data.multiscale_every=1", "data.workers=0", "train.batch_size=4", "train.subdivisions=2",
+            "train.burn_in=2", "train.amp=fp32", "eval.every=1000", "eval.batch_size=4", "logging.every=1",
+            "logging.images=2", f"logging.dir={logs}", *overrides]
+
+
+def test_accumulation_gives_the_gradient_of_the_whole_batch():
+    torch.manual_seed(0)
+    model = build_model("yolov3-tiny", num_classes=3).train()
+    for m in model.modules():  # freeze BatchNorm: batch statistics differ between 8 and 2 images
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.eval()
+    loss_fn = build_loss(model, load_config(ROOT / "args.yaml", ["model.num_classes=3"]).loss)
+    images = torch.rand(8, 3, 64, 64)
+    targets = torch.tensor([[i, i % 3, 20.0 + 3 * i, 30.0, 12.0, 18.0] for i in range(8)])
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def step(chunks):
+        model.load_state_dict(start)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # new weights = old - gradient
+        batches = []
+        for c in range(chunks):
+            part = targets[(targets[:, 0] >= c * 8 // chunks) & (targets[:, 0] < (c + 1) * 8 // chunks)].clone()
+            part[:, 0] -= c * 8 // chunks
+            batches.append((images[c * 8 // chunks:(c + 1) * 8 // chunks], part))
+        result = train_step(model, loss_fn, batches, optimizer, torch.amp.GradScaler("cpu", enabled=False), None, None)
+        return result, {k: v.clone() for k, v in model.state_dict().items()}
+
+    one, weights_one = step(1)
+    four, weights_four = step(4)
+    assert one.losses["total"] == pytest.approx(four.losses["total"], rel=1e-5)
+    for k in weights_one:
+        assert torch.allclose(weights_one[k], weights_four[k], atol=1e-5), k
+    assert any(not torch.equal(weights_one[k], start[k]) for k in start)  # the step did move the weights
+
+
+def test_non_finite_loss_skips_the_step():
+    model = build_model("yolov3-tiny", num_classes=3).train()
+    loss_fn = build_loss(model, load_config(ROOT / "args.yaml", ["model.num_classes=3"]).loss)
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k}
+    images = torch.full((2, 3, 64, 64), float("nan"))
+    result = train_step(model, loss_fn, [(images, torch.zeros(0, 6))], torch.optim.SGD(model.parameters(), lr=1.0),
+                        torch.amp.GradScaler("cpu", enabled=False), None, 10.0)
+    assert result.skipped
+    after = model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+
+
+def test_ema_ramps_and_averages():
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    ema = ModelEMA(model, decay=0.5, ramp=1.0)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema.update(model)  # d = 0.5 * (1 - e^-1) = 0.31606: ema = 0.31606 * 0 + 0.68394 * 1
+    assert ema.module.weight.item() == pytest.approx(1 - 0.5 * (1 - 2.718281828 ** -1), rel=1e-6)
+    state = ema.state_dict()
+    other = ModelEMA(model, decay=0.5, ramp=1.0)
+    other.load_state_dict(state)
+    assert other.updates == 1 and other.module.weight.item() == ema.module.weight.item()
+
+
+def test_resume_continues_exactly(shapes, tmp_path):
+    straight = train_main.main(run_args(shapes, tmp_path / "a", "train.steps=6", "train.checkpoint_every=3"))
+    first = train_main.main(run_args(shapes, tmp_path / "b", "train.steps=3", "train.checkpoint_every=3"))
+    resumed = train_main.main(["--resume", str(first["run_dir"] / "last.pt"), "--device", "cpu",
+                               "--set", "train.steps=6"])
+    assert resumed["run_dir"] == first["run_dir"]  # the same run folder
+    assert resumed["state"]["step"] == straight["state"]["step"] == 6
+    assert resumed["state"]["epoch"] == straight["state"]["epoch"]
+    a = load_checkpoint(straight["run_dir"] / "last.pt")
+    b = load_checkpoint(resumed["run_dir"] / "last.pt")
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    for k, v in a["ema"]["module"].items():
+        assert torch.equal(v, b["ema"]["module"][k]), k
+    assert a["optimizer"]["state"][0]["exp_avg"].equal(b["optimizer"]["state"][0]["exp_avg"])
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 6
+
+
+def test_run_folder_tensorboard_tags_and_best(shapes, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = train_main.main(run_args(shapes, tmp_path, "train.steps=4", "eval.every=2", "--name", "tags"))
+    run_dir = result["run_dir"]
+    assert run_dir.parent == tmp_path and run_dir.name.endswith("_tags") and ":" not in run_dir.name
+    assert {"last.pt", "best.pt", "args.yaml", "evals.jsonl", "predictions.png"} <= {p.name for p in run_dir.iterdir()}
+    assert len((run_dir / "evals.jsonl").read_text().splitlines()) == 2  # at steps 2 and 4
+    events = EventAccumulator(str(run_dir), size_guidance={"images": 0}).Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"loss/total", "loss/xy", "loss/wh", "loss/obj", "loss/cls", "lr", "grad_norm", "speed/images_per_s",
+            "speed/data_fraction", "memory_gb", "skipped_steps", "eval/AP", "eval/AP50", "eval/ARl"} <= scalars
+    assert [e.step for e in events.Scalars("loss/total")] == [1, 2, 3, 4]
+    assert "eval/predictions" in events.Tags()["images"]
+    saved = load_config(run_dir / "args.yaml")
+    assert saved.model.arch == "yolov3-tiny" and saved.logging.name == "tags"
+
+
+def test_early_stopping(shapes, tmp_path):
+    # lr 1e-9: nothing improves after the first evaluation, so patience 1 stops at the second
+    result = train_main.main(run_args(shapes, tmp_path, "train.steps=20", "eval.every=1", "train.patience=1",
+                                      "train.lr=1e-9", "train.burn_in=0", "train.ema=false"))
+    assert result["state"]["step"] < 20 and result["state"]["evals_without_improvement"] == 1
+
+
+def test_missing_dataset_stops_with_one_line(tmp_path):
+    run = subprocess.run([sys.executable, "main.py", "--device", "cpu", "--set", f"data.root={tmp_path / 'none'}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    assert str(tmp_path / "none") in run.stderr and "get_coco.sh" in run.stderr and "datasets.shapes" in run.stderr
+
+
+def test_sigterm_leaves_a_loadable_last_checkpoint(shapes, tmp_path):
+    args = [sys.executable, "main.py", *run_args(shapes, tmp_path, "train.steps=100000", "train.checkpoint_every=1000")]
+    process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(tmp_path.glob("*/events.out.tfevents.*")):
+        time.sleep(0.5)
+    time.sleep(3)  # a few steps
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output
+    assert "stopped by signal 15" in output
+    state = load_checkpoint(next(tmp_path.glob("*/last.pt")))
+    assert state["state"]["step"] >= 1
+
+
+def test_ddp_two_processes_on_cpu(shapes, tmp_path):
+    worker = tmp_path / "worker.py"
+    worker.write_text(
+        "import json, os, sys\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "import main\n"
+        "result = main.main(sys.argv[1:])\n"
+        "rank = os.environ['RANK']\n"
+        "open(os.path.join(os.environ['OUT'], f'rank{rank}.json'), 'w').write(json.dumps("
+        "{'checksum': result['weights_checksum'], 'step': result['state']['step']}))\n")
+    env = {**os.environ, "OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+                          str(worker), *run_args(shapes, tmp_path / "logs", "train.steps=3", "eval.every=3")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    import json
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["step"] == ranks[1]["step"] == 3
+    assert ranks[0]["checksum"] == ranks[1]["checksum"]  # identical weights on both ranks
+    runs = list((tmp_path / "logs").iterdir())
+    assert len(runs) == 1  # one run folder, written by rank 0 only
+    assert {"last.pt", "best.pt", "args.yaml"} <= {p.name for p in runs[0].iterdir()}
+
+
+def test_batch_overfit_reaches_high_ap50(shapes):
+    result = batch_overfit.main([
+        "--config", str(ROOT / "args.yaml"), "--gpu", "-1", "--set", f"data.root={shapes}", "model.num_classes=6",
+        "model.arch=yolov3-tiny", "data.img_size=96", "train.lr=0.002", "--steps", "150", "--images", "4"])
+    assert result["AP50"] >= 0.9
+    assert result["obj"] < 1.0 and result["cls"] < 0.5
+

@@ -69,9 +69,10 @@ class YOLOLoss(nn.Module):
     each ground truth's best anchor is chosen among ALL anchors by the IoU of (w, h) with both boxes centred at the
     same point (ties: the lower anchor index, Darknet's strict `>`). In every head whose mask holds that anchor, the
     ground truth is a positive at the cell holding its centre (col = floor(cx / stride), clamped into the grid) and
-    that anchor's slot. Kept as Darknet has it: with yolov3-tiny's masks (3,4,5) and (1,2,3) a ground truth whose
-    best anchor is 3 is a positive in BOTH heads, and one whose best anchor is 0 (in no mask) is a positive NOWHERE
-    (it still spares overlapping predictions the objectness penalty, see below). When several ground truths fall on
+    that anchor's slot. With yolov3-tiny's masks (3,4,5) and (1,2,3) a ground truth whose best anchor is 3 is a
+    positive in BOTH heads, as in Darknet. One change from Darknet: anchors that no mask holds (tiny's anchor 0)
+    are left out of the choice. Darknet lets them win and then assigns the box nowhere, which on data with many
+    small objects (best anchor 10x14) leaves most of them unlearned. When several ground truths fall on
     the same (image, head, anchor, row, column), the one later in `targets` wins, as Darknet overwrites in order.
     (Darknet's `delta_yolo_class` would also keep the earlier one's class as a second positive class at that slot;
     here the later ground truth wins whole.)
@@ -168,7 +169,10 @@ class YOLOLoss(nn.Module):
         """(P, 6) long [head, target index, image, slot, row, column] of all heads, ordered by head, then slot,
         image, row, column (the order of `assign`). targets: (K, 6) [image, class, cx, cy, w, h] in pixels."""
         device = targets.device
-        best = wh_iou(targets[:, 4:6], self.anchors.to(device)).argmax(1)  # (K,) first max on ties, as Darknet
+        iou = wh_iou(targets[:, 4:6], self.anchors.to(device))  # (K, anchors)
+        # anchors that no head uses (yolov3-tiny's anchor 0) cannot win: Darknet lets them, and loses those boxes
+        iou = iou.masked_fill(~(self.slot_of >= 0).any(0).to(device), -1.0)
+        best = iou.argmax(1)  # (K,) first max on ties, as Darknet
         slot = self.slot_of.to(device)[:, best]  # (heads, K)
         head, index = (slot >= 0).nonzero().unbind(1)  # (P,) each: the heads owning each target's best anchor
         slot = slot[head, index]

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from datasets.coco import DatasetError
 from datasets.loader import build_dataset, build_loader
 from models import build_model
-from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from utils.checkpoint import CheckpointError, checkpoint_weights, load_checkpoint, save_checkpoint
 from utils.config import (
     Config,
     ConfigError,
@@ -121,7 +121,7 @@ def load_start_weights(model: torch.nn.Module, path: Path) -> str:
     if path.suffix != ".pt":
         return f"Darknet {model.load_darknet_weights(path)}"
     state = load_checkpoint(path)
-    model.load_state_dict(state["ema"]["module"] if state.get("ema") else state["model"])
+    model.load_state_dict(checkpoint_weights(state))
     return "checkpoint weights"
 
 

@@ -1,4 +1,5 @@
-"""Box format conversions; the format is in the name (xyxy: corners, cxcywh: centre and size, both in pixels)."""
+"""Box format conversions (the format is in the name: xyxy corners, cxcywh centre and size, in pixels) and
+the ragged index helper that box matching and per-image selection share."""
 from __future__ import annotations
 
 import torch
@@ -14,3 +15,13 @@ def box_xyxy_to_cxcywh(boxes: torch.Tensor) -> torch.Tensor:
     """(..., 4) x1, y1, x2, y2 -> (..., 4) cx, cy, w, h."""
     top_left, bottom_right = boxes[..., :2], boxes[..., 2:4]
     return torch.cat([(top_left + bottom_right) / 2, bottom_right - top_left], -1)
+
+
+def ragged_arange(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(G,) counts -> (owner, offset), each (counts.sum(),): entry i is number offset[i] of group owner[i].
+
+    E.g. counts [2, 0, 3] -> owner [0, 0, 2, 2, 2], offset [0, 1, 0, 1, 2]. A loop-free `for g: for j < counts[g]`.
+    """
+    owner = torch.repeat_interleave(counts)
+    offset = torch.arange(len(owner), device=counts.device) - (counts.cumsum(0) - counts)[owner]
+    return owner, offset

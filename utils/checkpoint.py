@@ -46,6 +46,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
+def checkpoint_weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The model weights to use from a loaded checkpoint: the EMA's (what training evaluated) when it has one."""
+    return state["ema"]["module"] if state.get("ema") else state["model"]
+
+
 def load_model(path: str | Path, cfg: Config) -> tuple[YOLO, Config]:
     """A model from a training checkpoint (.pt: its own model config, EMA weights when present) or a Darknet
     .weights file (built from cfg.model); returns it with the config whose `model` section describes it."""
@@ -62,7 +67,7 @@ def load_model(path: str | Path, cfg: Config) -> tuple[YOLO, Config]:
     except ConfigError as e:
         raise CheckpointError(f"{path}: its stored config is invalid: {e}") from e
     model = build_model(model_cfg.arch, model_cfg.encoder, model_cfg.num_classes, model_cfg.anchors)
-    weights = state["ema"]["module"] if state.get("ema") else state["model"]  # the EMA is what training evaluated
+    weights = checkpoint_weights(state)
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils.boxes import box_cxcywh_to_xyxy
+from utils.boxes import box_cxcywh_to_xyxy, ragged_arange
 from utils.config import LossConfig
 
 LOSS_TERMS = ("xy", "wh", "obj", "cls")
@@ -50,16 +50,6 @@ def keep_last(keys: torch.Tensor) -> torch.Tensor:
     last = torch.ones_like(sorted_keys, dtype=torch.bool)
     last[:-1] = sorted_keys[1:] != sorted_keys[:-1]
     return order[last]
-
-
-def ragged_arange(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(G,) counts -> (owner, offset), each (counts.sum(),): entry i is number offset[i] of group owner[i].
-
-    E.g. counts [2, 0, 3] -> owner [0, 0, 2, 2, 2], offset [0, 1, 0, 1, 2]. A loop-free `for g: for j < counts[g]`.
-    """
-    owner = torch.repeat_interleave(counts)
-    offset = torch.arange(len(owner), device=counts.device) - (counts.cumsum(0) - counts)[owner]
-    return owner, offset
 
 
 class YOLOLoss(nn.Module):

@@ -13,18 +13,13 @@ from typing import Any
 import torch
 from torchvision.ops import batched_nms
 
-from utils.boxes import box_cxcywh_to_xyxy
+from utils.boxes import box_cxcywh_to_xyxy, ragged_arange
 
 
 def rank_within_group(group: torch.Tensor) -> torch.Tensor:
     """(M,) group ids of rows already sorted by group then by score -> (M,) 0-based rank of each row in its group."""
-    if not len(group):
-        return group
-    first = torch.ones_like(group, dtype=torch.bool)
-    first[1:] = group[1:] != group[:-1]
-    starts = torch.nonzero(first).squeeze(1)  # index of each group's first row
-    counts = torch.diff(torch.cat([starts, starts.new_tensor([len(group)])]))
-    return torch.arange(len(group), device=group.device) - torch.repeat_interleave(starts, counts)
+    _, counts = torch.unique_consecutive(group, return_counts=True)
+    return ragged_arange(counts)[1]
 
 
 def top_per_image(image_index: torch.Tensor, scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict:  # noqa: C901 (one sequence, ph
         log.info("%s: loaded the %s", args.weights, load_start_weights(model, args.weights))
     if cfg.train.sync_bn and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.to(device)
+    model.to(device, memory_format=torch.channels_last)  # NHWC convs: faster with oneDNN (CPU) and cuDNN (AMP)
     loss_fn = build_loss(model, cfg.loss)
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train)

@@ -15,6 +15,7 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from datasets.coco import DatasetError
 from datasets.loader import build_dataset, build_loader
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_fuse:
         model.fuse()
     loader = build_loader(cfg, dataset, train=False, batch_size=cfg.eval.batch_size, device=device)
-    result = evaluate(model.to(device), loader, cfg.eval, device, amp=args.amp)
+    result = evaluate(model.to(device, memory_format=torch.channels_last), loader, cfg.eval, device, amp=args.amp)
 
     print(result.table)
     seconds = " ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())

@@ -5,14 +5,14 @@
 
 One process (as one DataLoader worker) runs the full training transform over every image of the train split,
 `--repeats` times after a warm-up pass; each stage is timed separately in a second loop. Then a DataLoader with
-1 and 2 workers is timed on the same data. Prints markdown tables (median and min-max over repeats).
+each of `--workers` processes (default 1 and 2) is timed on the same data. Prints markdown tables (median and
+min-max over repeats); `--json F` also writes the headline figures for bench/run.py.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import platform
+import json
 import statistics
 import sys
 import time
@@ -25,15 +25,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import machine, spread  # noqa: E402
 from datasets.coco import collate  # noqa: E402
 from datasets.loader import build_dataset, build_loader  # noqa: E402
 from datasets.transforms import pad_to_square, resize_to_fit  # noqa: E402
 from utils.config import load_config  # noqa: E402
-
-
-def spread(values: list[float]) -> str:
-    """'median (min-max)' of a list of rates."""
-    return f"{statistics.median(values):.0f} ({min(values):.0f}-{max(values):.0f})"
 
 
 def end_to_end(dataset, size: int, repeats: int) -> list[float]:  # noqa: ANN001
@@ -102,32 +98,41 @@ def loader_rate(cfg, dataset, workers: int, batches: int, batch: int = 16) -> fl
     return count / (time.perf_counter() - start)
 
 
+def run(root: str, size: int, repeats: int, workers: list[int]) -> tuple[list[str], dict[str, float]]:
+    """All the measurements, as markdown lines and a dict of the headline figures."""
+    torch.set_num_threads(1)  # one core, as one DataLoader worker has
+    cv2.setNumThreads(1)
+    cfg = load_config(Path(__file__).resolve().parents[1] / "args.yaml",
+                      [f"data.root={root}", "data.multiscale=null", f"data.img_size={size}"])
+    dataset = build_dataset(cfg, "train")
+    lines = [f"Machine: {machine(torch.device('cpu'))}, OpenCV {cv2.__version__}", "",
+             f"{len(dataset)} train images of {root} at {size}, full training augmentation of args.yaml", ""]
+    rates = end_to_end(dataset, size, repeats)
+    lines += [f"one process, JPEG -> sample: **{spread(rates, '.0f')} images/s** (median, min-max over {repeats} "
+              "passes)", "", "| stage | ms / image |", "|---|---|"]
+    lines += [f"| {name} | {ms:.3f} |" for name, ms in stages(dataset, size, repeats).items()]
+    figures = {"images_per_s_per_process": statistics.median(rates)}
+    loader = {n: loader_rate(cfg, dataset, n, 200) for n in workers}
+    lines += ["", "| DataLoader workers (batch 16, collated) | images/s | vs 1 worker |", "|---|---|---|"]
+    lines += [f"| {n} | {rate:.0f} | {rate / loader[workers[0]] * workers[0]:.2f}x |" for n, rate in loader.items()]
+    figures.update({f"loader_{n}_workers": rate for n, rate in loader.items()})
+    return lines, figures
+
+
 def main() -> None:
-    """Run the three measurements and print the tables."""
+    """Parse arguments, run, print markdown (and write the figures as JSON with --json)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default="../shared/data/coco_mini")
     parser.add_argument("--size", type=int, default=416)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2],
+                        help="DataLoader worker counts to time (the first is the 1x reference)")
+    parser.add_argument("--json", help="also write the headline figures to this JSON file")
     args = parser.parse_args()
-    torch.set_num_threads(1)  # one core, as one DataLoader worker has
-    cv2.setNumThreads(1)
-    cfg = load_config(Path(__file__).resolve().parents[1] / "args.yaml",
-                      [f"data.root={args.root}", "data.multiscale=null", f"data.img_size={args.size}"])
-    dataset = build_dataset(cfg, "train")
-    malloc = os.environ.get("MALLOC_MMAP_THRESHOLD_", "unset")
-    print(f"## Data pipeline, {time.strftime('%Y-%m-%d')}: {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores, torch {torch.__version__}, OpenCV {cv2.__version__}, "
-          f"MALLOC_MMAP_THRESHOLD_={malloc}")
-    print(f"\n{len(dataset)} train images of {args.root} at {args.size}, full training augmentation of args.yaml\n")
-    rates = end_to_end(dataset, args.size, args.repeats)
-    print(f"one process, JPEG -> sample: **{spread(rates)} images/s** (median, min-max over {args.repeats} passes)\n")
-    print("| stage | ms / image |\n|---|---|")
-    for name, ms in stages(dataset, args.size, args.repeats).items():
-        print(f"| {name} | {ms:.3f} |")
-    one = loader_rate(cfg, dataset, 1, 200)
-    two = loader_rate(cfg, dataset, 2, 200)
-    print(f"\nDataLoader (batch 16, collated): 1 worker {one:.0f} images/s, 2 workers {two:.0f} images/s "
-          f"({two / one:.2f}x)")
+    lines, figures = run(args.root, args.size, args.repeats, args.workers)
+    print("\n".join(lines))
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures))
 
 
 if __name__ == "__main__":

@@ -7,12 +7,14 @@ Two score distributions, both from an untrained model (the trained weights canno
 - "priors": as initialised, objectness ~0.01 x class ~1/81, so almost nothing passes conf 0.001;
 - "worst case": objectness and class biases raised so that all 10,647 x 80 scores per image pass 0.001, the load
   that eval.max_candidates bounds.
+Then the worst case's detections are scored by pycocotools and by faster-coco-eval (same numbers, timed).
+`--json F` also writes the headline figures for bench/run.py.
 """
 from __future__ import annotations
 
 import argparse
-import os
-import platform
+import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -21,36 +23,29 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import machine  # noqa: E402
 from datasets.loader import build_dataset, build_loader  # noqa: E402
 from models import build_model  # noqa: E402
 from models.yolo import HeadOutput  # noqa: E402
 from utils.config import load_config  # noqa: E402
-from utils.evaluation import evaluate  # noqa: E402
+from utils.evaluation import coco_evaluate, evaluate  # noqa: E402
 
 
-def main() -> None:
-    """Evaluate twice and print one markdown table row per score distribution."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", default="../shared/data/coco_mini")
-    parser.add_argument("--size", type=int, default=416)
-    parser.add_argument("--arch", default="yolov3")
-    parser.add_argument("--batch", type=int, default=8)
-    args = parser.parse_args()
+def run(root: str, size: int, arch: str, batch: int) -> tuple[list[str], dict[str, float]]:
+    """Evaluate twice (two score distributions) and compare the COCO backends; markdown lines and figures."""
     cfg = load_config(Path(__file__).resolve().parents[1] / "args.yaml",
-                      [f"data.root={args.root}", f"data.img_size={args.size}", "data.workers=1",
-                       f"model.arch={args.arch}"])
+                      [f"data.root={root}", f"data.img_size={size}", "data.workers=1", f"model.arch={arch}"])
     dataset = build_dataset(cfg, "val")
-    loader = build_loader(cfg, dataset, train=False, batch_size=args.batch)
+    loader = build_loader(cfg, dataset, train=False, batch_size=batch)
     torch.manual_seed(0)
     model = build_model(cfg.model.arch, num_classes=len(dataset.class_names)).fuse()
-    print(f"## Evaluation time split, {time.strftime('%Y-%m-%d')}: {platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads), MALLOC_MMAP_THRESHOLD_="
-          f"{os.environ.get('MALLOC_MMAP_THRESHOLD_', 'unset')}")
-    print(f"\n{len(dataset)} val images of {args.root}, {args.arch} at {args.size}, batch {args.batch}, 1 loader "
-          f"worker, conf {cfg.eval.conf_threshold}, max_candidates {cfg.eval.max_candidates}\n")
-    print("| scores | detections | data s | model s | post-processing s | COCOeval s | post / model |")
-    print("|---|---|---|---|---|---|---|")
+    lines = [f"Machine: {machine(torch.device('cpu'))}", "",
+             f"{len(dataset)} val images of {root}, {arch} at {size}, batch {batch}, 1 loader worker, conf "
+             f"{cfg.eval.conf_threshold}, max_candidates {cfg.eval.max_candidates}", "",
+             "| scores | detections | data s | model s | post-processing s | COCOeval s | post / model |",
+             "|---|---|---|---|---|---|---|"]
     evaluate(model, loader, cfg.eval, torch.device("cpu"), progress=False)  # warm-up
+    figures: dict[str, float] = {}
     for name in ("priors", "worst case"):
         if name == "worst case":
             with torch.no_grad():
@@ -58,8 +53,36 @@ def main() -> None:
                     head.bias.view(head.num_anchors, -1)[:, 4:] = 5.0  # sigmoid(5) = 0.993: everything passes
         result = evaluate(model, loader, cfg.eval, torch.device("cpu"), progress=False)
         s = result.seconds
-        print(f"| {name} | {len(result.rows)} | {s['data']:.2f} | {s['model']:.2f} | {s['postprocess']:.2f} | "
-              f"{s['cocoeval']:.2f} | {s['postprocess'] / s['model']:.3f} |")
+        lines.append(f"| {name} | {len(result.rows)} | {s['data']:.2f} | {s['model']:.2f} | "
+                     f"{s['postprocess']:.2f} | {s['cocoeval']:.2f} | {s['postprocess'] / s['model']:.3f} |")
+        figures[f"post_over_model_{name.replace(' ', '_')}"] = s["postprocess"] / s["model"]
+    # the same detections through both COCO backends
+    lines += ["", f"COCO API on the same {len(result.rows)} detections:", "",
+              "| backend | seconds (median of 3) | AP | AP50 |", "|---|---|---|---|"]
+    for backend in ("pycocotools", "faster_coco_eval"):
+        times, stats = [], {}
+        for _ in range(3):
+            start = time.perf_counter()
+            stats = coco_evaluate(dataset.coco, result.rows, dataset.ids, dataset.class_names, backend)[0]
+            times.append(time.perf_counter() - start)
+        lines.append(f"| {backend} | {statistics.median(times):.3f} | {stats['AP']:.6f} | {stats['AP50']:.6f} |")
+        figures[f"cocoeval_{backend}_s"] = statistics.median(times)
+    return lines, figures
+
+
+def main() -> None:
+    """Parse arguments, run, print markdown (and write the figures as JSON with --json)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", default="../shared/data/coco_mini")
+    parser.add_argument("--size", type=int, default=416)
+    parser.add_argument("--arch", default="yolov3")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--json", help="also write the headline figures to this JSON file")
+    args = parser.parse_args()
+    lines, figures = run(args.root, args.size, args.arch, args.batch)
+    print("\n".join(lines))
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures))
 
 
 if __name__ == "__main__":

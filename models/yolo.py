@@ -102,7 +102,8 @@ class YOLO(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor] | torch.Tensor:
-        """(B, 3, H, W) RGB in [0, 1] -> train: [(B, A, H/s, W/s, 5+C) raw] per head; eval: (B, N, 5+C) decoded."""
+        """(B, 3, H, W) RGB in [0, 1] -> train: [(B, A, H/s, W/s, 5+C) raw] per head (permuted views of the conv
+        outputs: not contiguous); eval: (B, N, 5+C) decoded."""
         if not torch.jit.is_tracing() and (x.shape[-1] % self.strides[0] or x.shape[-2] % self.strides[0]):
             raise ValueError(f"input size {tuple(x.shape[-2:])} (H, W): both sides must be multiples of "
                              f"{self.strides[0]}")
@@ -110,7 +111,9 @@ class YOLO(nn.Module):
         raw = []
         for m, mask in zip(maps, self.masks, strict=True):
             b, _, h, w = m.shape
-            raw.append(m.view(b, len(mask), 5 + self.num_classes, h, w).permute(0, 1, 3, 4, 2).contiguous())
+            # a permuted view, not a copy: each channel stays one contiguous (H, W) plane, so the loss reads the 5
+            # box/objectness planes of every prediction without streaming the class channels through the cache
+            raw.append(m.view(b, len(mask), 5 + self.num_classes, h, w).permute(0, 1, 3, 4, 2))
         if self.training:
             return raw
         heads = zip(raw, self.masks, self.strides, strict=True)

@@ -432,3 +432,25 @@ def test_real_model_backward():
     assert torch.isfinite(total) and all(torch.isfinite(v) for v in terms.values())
     total.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_model_layout_and_contiguous_maps_give_the_same_loss():
+    """The model returns permuted views of its (B, A, 5+C, H, W) conv outputs; the loss reads any strides alike."""
+    anchors, masks, strides, outputs, targets = reference_case("yolov3", 3, 6, 64, 96, seed=12)
+    planar = [o.detach().permute(0, 1, 4, 2, 3).contiguous().permute(0, 1, 3, 4, 2).requires_grad_()
+              for o in outputs]  # same values, the model's strides
+    assert not planar[0].is_contiguous() and torch.equal(planar[0], outputs[0])
+    loss = YOLOLoss(anchors, masks, strides, 3)
+    total, terms = loss(outputs, targets)
+    total_planar, terms_planar = loss(planar, targets)
+    assert all(torch.equal(terms[name], terms_planar[name]) for name in terms)
+    for grad, grad_planar in zip(torch.autograd.grad(total, outputs), torch.autograd.grad(total_planar, planar),
+                                 strict=True):
+        torch.testing.assert_close(grad, grad_planar, rtol=0, atol=0)
+
+
+def test_model_raw_maps_are_views_of_the_conv_outputs():
+    model = build_model("yolov3-tiny", num_classes=3).train()
+    raw = model(torch.rand(1, 3, 64, 64))
+    assert [tuple(r.shape) for r in raw] == [(1, 3, 2, 2, 8), (1, 3, 4, 4, 8)]
+    assert all(r.stride(-1) == r.shape[2] * r.shape[3] for r in raw)  # channel planes: no copy was made

@@ -199,3 +199,20 @@ def test_bad_arch_and_encoder():
         build_model("yolov3-tiny", "mobilenet_v3_small")
     with pytest.raises(FileNotFoundError, match="download_darknet_weights.sh"):
         build_model("yolov3", pretrained=True)
+
+
+@pytest.mark.parametrize("arch, encoder", [("yolov3-tiny", "darknet53"), ("yolov3", "darknet53"),
+                                           ("yolov3", "mobilenet_v3_small")])
+def test_fused_channels_last_inference_matches_plain(arch, encoder):
+    """The fast inference path (fused BN, channels_last, inference_mode) computes what the plain eval model does."""
+    torch.manual_seed(0)
+    model = randomize_bn(build_model(arch, encoder, num_classes=3)).eval()
+    x = torch.rand(2, 3, 64, 96)
+    with torch.no_grad():
+        plain = model(x)
+    model.fuse().to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        fast = model(x.contiguous(memory_format=torch.channels_last))
+    assert model.head32[-1].weight.is_contiguous(memory_format=torch.channels_last)
+    assert (plain[0] - plain[1]).abs().max() > 1e-3
+    torch.testing.assert_close(fast, plain, atol=1e-4, rtol=1e-4)

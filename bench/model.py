@@ -1,0 +1,226 @@
+"""Model, training-step, loss and post-processing speed, each also as a ratio to the machine's conv ceiling.
+
+    MALLOC_MMAP_THRESHOLD_=1000000000 MALLOC_TRIM_THRESHOLD_=1000000000 \\
+        .venv/bin/python bench/model.py [--device cpu|cuda] [--size 416] [--repeats 5] [--quick]
+
+- forward: YOLOv3 at batch 1 and 8 in four forms (eval mode as trained; BN fused + inference_mode; + channels_last;
+  + bf16 autocast), then YOLOv3-tiny and the MobileNetV3 variants in the fastest form. FLOPs are counted by
+  torch.utils.flop_counter (2 per multiply-add), achieved GFLOP/s is divided by the conv ceiling.
+- train step: forward + loss + backward + optimiser (utils.engine.train_step), YOLOv3 at 416, batch 8 (64 with AMP
+  on CUDA), its ratio counting 3x the forward FLOPs per image.
+- loss: target building + YOLOv3 loss forward, batch 8, 50 boxes per image, random raw maps.
+- post-processing: decode is in the forward; threshold 0.001 + batched NMS + max_det 100 for a batch of 8, with a
+  trained-like score distribution and with the untrained worst case (every score above 0.001).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import bf16_supported, conv_ceiling, machine, spread, time_runs  # noqa: E402
+from models import build_model  # noqa: E402
+from models.yolo import YOLO  # noqa: E402
+from utils.config import EvalConfig, LossConfig  # noqa: E402
+from utils.engine import train_step  # noqa: E402
+from utils.loss import build_loss  # noqa: E402
+from utils.postprocess import postprocess  # noqa: E402
+
+FORMS = ("eval mode (as trained)", "BN fused, inference_mode", "fused + channels_last", "fused + channels_last + bf16")
+
+
+def forward_gflops(model: YOLO, size: int) -> float:
+    """Forward GFLOPs of one (3, size, size) image (2 per multiply-add)."""
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode():
+        model.eval()(torch.rand(1, 3, size, size, device=next(model.parameters()).device))
+    return counter.get_total_flops() / 1e9
+
+
+def prepared(arch: str, encoder: str, form: str, device: torch.device, num_classes: int = 80) -> YOLO:
+    """A seeded model of `arch`/`encoder` in one of FORMS (eval mode; fused and channels_last as the form says)."""
+    torch.manual_seed(0)
+    model = build_model(arch, encoder, num_classes).to(device).eval()
+    if form != FORMS[0]:
+        model.fuse()
+    if "channels_last" in form:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def forward_seconds(model: YOLO, size: int, batch: int, form: str, device: torch.device, repeats: int
+                    ) -> list[float]:
+    """Seconds per image of model(x) for a (batch, 3, size, size) input, in `form`, one figure per repeat."""
+    x = torch.rand(batch, 3, size, size, device=device)
+    if "channels_last" in form:
+        x = x.contiguous(memory_format=torch.channels_last)
+    amp = "bf16" in form
+
+    def run() -> torch.Tensor:
+        with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=amp):
+            return model(x)
+    return [s / batch for s in time_runs(run, repeats, warmup=1, device=device)]
+
+
+def train_seconds(size: int, batch: int, device: torch.device, repeats: int, amp: bool) -> list[float]:
+    """Seconds per optimiser step of YOLOv3 (train mode, Adam, batch `batch`, 20 boxes per image), one per repeat."""
+    torch.manual_seed(0)
+    model = build_model("yolov3", "darknet53", 80).to(device).train()
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    loss_fn = build_loss(model, LossConfig())
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    images = torch.rand(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    targets = random_targets(batch, 20, size, 80, device)
+    dtype = torch.float16 if amp else None
+    return time_runs(lambda: train_step(model, loss_fn, [(images, targets)], optimizer, scaler, dtype, 10.0),
+                     repeats, warmup=1, device=device)
+
+
+def random_targets(batch: int, per_image: int, size: int, num_classes: int, device: torch.device) -> torch.Tensor:
+    """(batch * per_image, 6) [image, class, cx, cy, w, h] with sides log-spread over 8 .. 0.8 size px (seeded)."""
+    g = torch.Generator().manual_seed(1)
+    n = batch * per_image
+    wh = torch.exp(torch.empty(n, 2).uniform_(0, 1, generator=g) * torch.log(torch.tensor(0.1 * size)) + 2.08)
+    centre = torch.rand(n, 2, generator=g) * (size - wh) + wh / 2
+    image = torch.arange(batch).repeat_interleave(per_image)[:, None].float()
+    cls = torch.randint(num_classes, (n, 1), generator=g).float()
+    return torch.cat([image, cls, centre, wh], 1).to(device)
+
+
+def loss_seconds(size: int, batch: int, per_image: int, device: torch.device, repeats: int) -> list[float]:
+    """Seconds of target building + YOLOv3 loss forward on random raw maps, one figure per repeat."""
+    torch.manual_seed(0)
+    model = build_model("yolov3", "darknet53", 80)
+    loss_fn = build_loss(model, LossConfig())
+    # the model's layout: permuted views of (B, A, 5+C, H, W) conv outputs
+    outputs = [torch.randn(batch, 3, 85, size // s, size // s, device=device).permute(0, 1, 3, 4, 2)
+               for s in model.strides]
+    targets = random_targets(batch, per_image, size, 80, device)
+    return time_runs(lambda: loss_fn(outputs, targets), repeats, warmup=3, device=device)
+
+
+def scored_predictions(model: YOLO, size: int, batch: int, device: torch.device, worst: bool) -> torch.Tensor:
+    """(batch, N, 85) decoded predictions of `model` with its head biases set to a trained-like score
+    distribution (objectness logits ~N(-9, 3), one class per box ~N(0, 2), the rest ~N(-9, 2)), or to the worst
+    case (every score above 0.001)."""
+    with torch.inference_mode():
+        pred = model(torch.rand(batch, 3, size, size, device=device))
+    pred = pred.clone()  # a normal tensor: inference tensors cannot be written to outside inference_mode
+    g = torch.Generator().manual_seed(2)
+    n = pred.shape[1]
+    if worst:
+        scores = torch.full((batch, n, 81), 5.0)
+    else:
+        scores = torch.randn(batch, n, 81, generator=g) * 2 - 9
+        scores[..., 0] = torch.randn(batch, n, generator=g) * 3 - 9
+        best = torch.randint(80, (batch, n), generator=g) + 1
+        scores.scatter_(2, best[..., None], torch.randn(batch, n, 1, generator=g) * 2)
+    pred[..., 4:] = scores.sigmoid().to(device)
+    return pred
+
+
+def postprocess_seconds(pred: torch.Tensor, eval_cfg: EvalConfig, device: torch.device, repeats: int
+                        ) -> tuple[list[float], int]:
+    """Seconds of threshold + batched NMS + max_det on decoded (B, N, 5+C) predictions, and the mean number of
+    (box, class) candidates per image above the threshold."""
+    candidates = int((pred[..., 4:5] * pred[..., 5:] > eval_cfg.conf_threshold).sum()) // len(pred)
+    seconds = time_runs(lambda: postprocess(pred, eval_cfg.conf_threshold, eval_cfg.nms_iou, eval_cfg.max_det,
+                                            eval_cfg.max_candidates, eval_cfg.multi_label),
+                        repeats, warmup=1, device=device)
+    return seconds, candidates
+
+
+def run(device: torch.device, size: int, repeats: int, quick: bool) -> tuple[list[str], dict[str, float]]:
+    """All the measurements of this script, as markdown lines and a dict of the headline figures."""
+    lines = [f"Machine: {machine(device)}", ""]
+    ceiling = conv_ceiling(device, repeats=max(repeats, 5))
+    top = statistics.median(ceiling)
+    figures = {"ceiling_gflops": top}
+    lines += [f"Conv ceiling (3x3, 256 -> 512 at 52x52, fp32): **{spread(ceiling, '.1f')} GFLOP/s**", ""]
+
+    lines += [f"### Forward, fp32 unless named, {size}x{size}", "",
+              "| model | form | batch | ms / image | GFLOP/s | / ceiling |", "|---|---|---|---|---|---|"]
+    batches = (1, 32) if device.type == "cuda" else (1, 8)
+    gflops = forward_gflops(prepared("yolov3", "darknet53", FORMS[1], device), size)
+    for form in FORMS:
+        if "bf16" in form and device.type == "cpu" and not bf16_supported():
+            lines.append(f"| yolov3 | {form} | - | not run: this CPU has no native bf16 (no avx512_bf16 / AMX); "
+                         "bf16 would be emulated, slower than fp32 | | |")
+            continue
+        model = prepared("yolov3", "darknet53", form, device)
+        for batch in batches if not quick else batches[:1]:
+            seconds = forward_seconds(model, size, batch, form, device, repeats)
+            rate = gflops / statistics.median(seconds)
+            lines.append(f"| yolov3 ({gflops:.2f} GFLOPs) | {form} | {batch} | {spread([1000 * s for s in seconds])}"
+                         f" | {rate:.1f} | **{rate / top:.2f}** |")
+            key = f"forward_ratio_batch{batch}"
+            figures[key] = max(figures.get(key, 0.0), rate / top)
+            figures[f"forward_ms_batch{batch}"] = min(figures.get(f"forward_ms_batch{batch}", 1e9),
+                                                      1000 * statistics.median(seconds))
+    for arch, encoder in (("yolov3-tiny", "darknet53"), ("yolov3", "mobilenet_v3_large"),
+                          ("yolov3", "mobilenet_v3_small")):
+        model = prepared(arch, encoder, FORMS[2], device)
+        small_gflops = forward_gflops(model, size)
+        for batch in batches:
+            seconds = forward_seconds(model, size, batch, FORMS[2], device, repeats)
+            rate = small_gflops / statistics.median(seconds)
+            lines.append(f"| {arch} {encoder} ({small_gflops:.2f} GFLOPs) | {FORMS[2]} | {batch} | "
+                         f"{spread([1000 * s for s in seconds])} | {rate:.1f} | {rate / top:.2f} |")
+
+    amp = device.type == "cuda"
+    batch = 64 if amp else 8
+    steps = train_seconds(size, batch, device, max(2, repeats // 2), amp)
+    images_per_s = [batch / s for s in steps]
+    rate = 3 * gflops * statistics.median(images_per_s)
+    figures.update(train_images_per_s=statistics.median(images_per_s), train_ratio=rate / top)
+    lines += ["", f"### Training step, YOLOv3 at {size}, batch {batch}, {'AMP fp16' if amp else 'fp32'}, Adam", "",
+              f"**{spread(images_per_s)} images/s** ({spread(steps)} s per step); {rate:.1f} GFLOP/s counting 3x "
+              f"the forward FLOPs = **{rate / top:.2f} of the ceiling**", ""]
+
+    loss = loss_seconds(size, 8, 50, device, 5 * repeats)
+    figures["loss_ms"] = 1000 * statistics.median(loss)
+    lines += [f"### Loss, YOLOv3 layout at {size}, batch 8, 50 boxes per image", "",
+              f"target building + loss forward: **{spread([1000 * s for s in loss])} ms**", ""]
+
+    eval_cfg = EvalConfig()
+    model = prepared("yolov3", "darknet53", FORMS[2], device)
+    forward = statistics.median(forward_seconds(model, size, 8, FORMS[2], device, repeats)) * 8
+    lines += [f"### Post-processing, batch 8 at {size}: conf {eval_cfg.conf_threshold}, NMS IoU {eval_cfg.nms_iou}, "
+              f"max_det {eval_cfg.max_det}, max_candidates {eval_cfg.max_candidates}", "",
+              "| scores | candidates / image | ms per batch | / forward of the batch |", "|---|---|---|---|"]
+    for worst in (False, True):
+        pred = scored_predictions(model, size, 8, device, worst)
+        seconds, candidates = postprocess_seconds(pred, eval_cfg, device, repeats)
+        name = "untrained worst case (all pass)" if worst else "trained-like"
+        lines.append(f"| {name} | {candidates} | {spread([1000 * s for s in seconds])} | "
+                     f"**{statistics.median(seconds) / forward:.3f}** |")
+        figures["post_over_forward_" + ("worst" if worst else "trained_like")] = statistics.median(seconds) / forward
+    return lines, figures
+
+
+def main() -> None:
+    """Parse arguments, run, print markdown."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--size", type=int, default=416)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="batch 1 only for the YOLOv3 forms")
+    parser.add_argument("--json", help="also write the headline figures to this JSON file")
+    args = parser.parse_args()
+    lines, figures = run(torch.device(args.device), args.size, args.repeats, args.quick)
+    print("\n".join(lines))
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()

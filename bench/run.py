@@ -1,0 +1,110 @@
+"""Run every bench/ script, print one summary table against the project's goals, and optionally record it.
+
+    .venv/bin/python bench/run.py                    # CPU: model, loss, post-processing, data pipeline, evaluation
+    .venv/bin/python bench/run.py --device cuda      # GPU: AMP training, inference FPS, loader with all cores
+    .venv/bin/python bench/run.py --write            # also append a dated section to BENCHMARKS.md
+
+Each script runs in its own process with glibc malloc pinned (MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ set
+to 1e9 unless already set): without it, page faults on fresh conv buffers swing CPU timings by 30-40%.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MALLOC = {"MALLOC_MMAP_THRESHOLD_": "1000000000", "MALLOC_TRIM_THRESHOLD_": "1000000000"}
+
+# (figure, label, goal, higher is better): the goals of the performance issue, for the CPU runs
+CPU_GOALS = [
+    ("forward_ratio_batch1", "YOLOv3 forward at 416, batch 1: GFLOP/s / conv ceiling", 0.85, True),
+    ("forward_ratio_batch8", "YOLOv3 forward at 416, batch 8: GFLOP/s / conv ceiling", 0.90, True),
+    ("train_images_per_s", "YOLOv3 training step at 416, batch 8: images/s", 2.0, True),
+    ("loss_ms", "target building + loss forward, batch 8, 50 boxes/image: ms", 3.0, False),
+    ("post_over_forward_trained_like", "post-processing / forward, batch 8, trained-like scores", 0.05, False),
+    ("images_per_s_per_process", "data pipeline, one process, full augmentation: images/s", 250.0, True),
+    ("loader_scaling", "DataLoader 2 workers / 1 worker", 1.8, True),
+]
+
+
+def run_script(name: str, args: list[str]) -> tuple[str, dict[str, float]]:
+    """Run bench/<name> in a child process with malloc pinned; its markdown output and its --json figures."""
+    env = {**os.environ, **{k: v for k, v in MALLOC.items() if k not in os.environ},
+           "NO_ALBUMENTATIONS_UPDATE": "1"}
+    with tempfile.TemporaryDirectory() as tmp:
+        figures_path = Path(tmp) / "figures.json"
+        done = subprocess.run([sys.executable, str(ROOT / "bench" / name), *args, "--json", str(figures_path)],
+                              cwd=ROOT, env=env, capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"bench/{name} failed (exit {done.returncode}):\n{done.stdout}\n{done.stderr}")
+        return done.stdout, json.loads(figures_path.read_text())
+
+
+def summary(figures: dict[str, float], device: str) -> list[str]:
+    """The goals table (CPU), or which of training and data loading bounds the GPU run."""
+    if device == "cuda":
+        train, loader = figures["train_images_per_s"], figures["loader_all_workers"]
+        bound = "the data loader" if loader < train else "the GPU (training step)"
+        return ["| figure | value |", "|---|---|",
+                f"| training, AMP, batch 64, 416: images/s | {train:.1f} |",
+                f"| inference FPS, batch 1 / batch 32 | {1000 / figures['forward_ms_batch1']:.1f} / "
+                f"{1000 / figures['forward_ms_batch32']:.1f} |",
+                f"| DataLoader, {os.cpu_count()} workers: images/s | {loader:.0f} |",
+                f"| bound by | **{bound}** |"]
+    lines = ["| figure | goal | measured | met |", "|---|---|---|---|"]
+    for key, label, goal, higher in CPU_GOALS:
+        value = figures[key]
+        met = value >= goal if higher else value <= goal
+        lines.append(f"| {label} | {'>=' if higher else '<='} {goal:g} | {value:.3g} | {'yes' if met else '**no**'} |")
+    return lines
+
+
+def main() -> None:
+    """Run the scripts, print the report, append it to BENCHMARKS.md with --write."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--data", default="../shared/data/coco_mini", help="COCO-format data for the data and "
+                        "evaluation benches")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--write", action="store_true", help="append the report to BENCHMARKS.md")
+    args = parser.parse_args()
+    if not (ROOT / args.data).exists() and not Path(args.data).exists():
+        raise SystemExit(f"--data {args.data}: no such folder; point it at a COCO-format set (images/ and "
+                         "annotations/ as datasets/get_coco.sh writes them)")
+    sections, figures = [], {}
+    workers = [str(os.cpu_count())] if args.device == "cuda" else ["1", "2"]
+    plan = [("model.py", "Model, training step, loss, post-processing",
+             ["--device", args.device, "--repeats", str(args.repeats)]),
+            ("data_pipeline.py", "Data pipeline", ["--root", args.data, "--repeats", str(args.repeats),
+                                                   "--workers", *workers])]
+    if args.device == "cpu":
+        plan.append(("evaluation.py", "Evaluation time split", ["--root", args.data]))
+    for script, title, script_args in plan:
+        print(f"running bench/{script} ...", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        text, found = run_script(script, script_args)
+        figures.update(found)
+        sections.append(f"### {title} (`bench/{script} {' '.join(script_args)}`, "
+                        f"{time.perf_counter() - start:.0f} s)\n\n{text.strip()}\n")
+    if args.device == "cpu":
+        figures["loader_scaling"] = figures["loader_2_workers"] / figures["loader_1_workers"]
+    else:
+        figures["loader_all_workers"] = figures[f"loader_{os.cpu_count()}_workers"]
+    report = "\n".join([f"## bench/run.py --device {args.device}, {time.strftime('%Y-%m-%d %H:%M')}", "",
+                        "Command: `.venv/bin/python bench/run.py" + (" --device cuda" if args.device == "cuda" else "")
+                        + "` (malloc pinned by the script)", "", *summary(figures, args.device), "", *sections])
+    print(report)
+    if args.write:
+        with open(ROOT / "BENCHMARKS.md", "a") as f:
+            f.write("\n" + report)
+        print(f"appended to {ROOT / 'BENCHMARKS.md'}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

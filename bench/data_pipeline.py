@@ -86,6 +86,7 @@ def stages(dataset, size: int, repeats: int, batch: int = 16) -> dict[str, float
 def loader_rate(cfg, dataset, workers: int, batches: int, batch: int = 16) -> float:  # noqa: ANN001
     """Images/s delivered by a DataLoader with `workers` processes (after its first batch)."""
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, workers=workers))
+    batch = min(batch, len(dataset))  # a small set still makes one full batch
     loader = build_loader(cfg, dataset, train=True, batch_size=batch)
     iterator, count = iter(loader), 0
     next(iterator)

@@ -72,6 +72,7 @@ def main() -> None:
     parser.add_argument("--data", default="../shared/data/coco_mini", help="COCO-format data for the data and "
                         "evaluation benches")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--size", type=int, default=416, help="input size of every bench (the goals are at 416)")
     parser.add_argument("--write", action="store_true", help="append the report to BENCHMARKS.md")
     args = parser.parse_args()
     if not (ROOT / args.data).exists() and not Path(args.data).exists():
@@ -80,11 +81,11 @@ def main() -> None:
     sections, figures = [], {}
     workers = [str(os.cpu_count())] if args.device == "cuda" else ["1", "2"]
     plan = [("model.py", "Model, training step, loss, post-processing",
-             ["--device", args.device, "--repeats", str(args.repeats)]),
+             ["--device", args.device, "--repeats", str(args.repeats), "--size", str(args.size)]),
             ("data_pipeline.py", "Data pipeline", ["--root", args.data, "--repeats", str(args.repeats),
-                                                   "--workers", *workers])]
+                                                   "--size", str(args.size), "--workers", *workers])]
     if args.device == "cpu":
-        plan.append(("evaluation.py", "Evaluation time split", ["--root", args.data]))
+        plan.append(("evaluation.py", "Evaluation time split", ["--root", args.data, "--size", str(args.size)]))
     for script, title, script_args in plan:
         print(f"running bench/{script} ...", file=sys.stderr, flush=True)
         start = time.perf_counter()

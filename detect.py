@@ -138,11 +138,12 @@ class ImageIds:
 
 def main(argv: list[str] | None = None) -> dict:
     """Detect on every input, write the outputs, print what was written; returns the counts and skipped files."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.batch_size is not None and args.batch_size < 1:
+        parser.error(f"--batch-size {args.batch_size}: must be at least 1")
     model, cfg, device = inference_setup(args)
     batch_size = args.batch_size or cfg.eval.batch_size
-    if batch_size < 1:
-        raise SystemExit(f"error: --batch-size {batch_size}: must be at least 1")
     try:
         sources, ignored = find_sources(args.source)
         names, category_ids = class_table(cfg.data.split_paths("val")[1], model.num_classes)

@@ -72,6 +72,9 @@ def find_sources(specs: Sequence[str]) -> tuple[list[Source], list[Path]]:
         sources += found
     names: dict[Path, Path] = {}
     for s in sources:
+        if ".." in s.name.parts:  # a pattern such as '*/../../x.jpg': its name would lead out of the output folder
+            raise ValueError(f"--source: {s.path} lies outside the folder its glob pattern starts from; give a "
+                             "pattern without '..' after a wildcard")
         if names.setdefault(s.name, s.path) != s.path:
             raise ValueError(f"--source: {names[s.name]} and {s.path} would both be written as {s.name}; give them "
                              "as one folder or glob pattern, or in separate runs")

@@ -117,6 +117,8 @@ def test_find_sources_names_relative_to_folder_and_glob_root(tmp_path):
     sources, _ = find_sources([str(tmp_path / "*" / "1.*")])
     assert [s.name.as_posix() for s in sources] == ["a/1.jpg", "b/1.JPG"]
     assert glob_root("data/*/x*.jpg").as_posix() == "data" and glob_root("*.png").as_posix() == "."
+    with pytest.raises(ValueError, match=r"a/1.jpg lies outside the folder its glob pattern starts from"):
+        find_sources([str(tmp_path / "*" / ".." / "a" / "1.jpg")])
     with pytest.raises(ValueError, match=r"a/1.jpg and .*c/1.jpg would both be written as 1.jpg"):
         (tmp_path / "c").mkdir()
         (tmp_path / "c" / "1.jpg").write_bytes(b"")

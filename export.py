@@ -99,8 +99,9 @@ def compare(name: str, run: Callable[[torch.Tensor], torch.Tensor], inputs: dict
             print(f"{name:<12} {label:<16} FAILED: {e}")
             continue
         d["ok"] = d["probabilities"] <= atol and d["boxes"] / x.shape[-1] <= atol
+        count = f" ({d['detections']} detections)" if "detections" in d else ""
         print(f"{name:<12} {label:<16} max abs diff: boxes {d['boxes']:.2e} px ({d['boxes'] / x.shape[-1]:.1e} of "
-              f"the side), probabilities {d['probabilities']:.2e}  {'ok' if d['ok'] else 'ABOVE TOLERANCE'}")
+              f"the side), probabilities {d['probabilities']:.2e}{count}  {'ok' if d['ok'] else 'ABOVE TOLERANCE'}")
         results[label] = d
     return results
 

@@ -146,7 +146,7 @@ NEAR_TIES = (" (scores equal to within float precision, as an untrained model gi
 
 def detection_diffs(reference: torch.Tensor, exported: torch.Tensor) -> dict[str, float]:
     """Detections (M, 7) of postprocess and of the NMS graph -> max abs diff of boxes (px) and scores, after
-    ordering both by image, class and score; a different count, image or class is an error."""
+    ordering both by image, class and score, and their number; a different count, image or class is an error."""
     if reference.shape != exported.shape:
         raise ValueError(f"the NMS graph found {len(exported)} detections where PyTorch's postprocess finds "
                          f"{len(reference)}{NEAR_TIES}")
@@ -157,4 +157,5 @@ def detection_diffs(reference: torch.Tensor, exported: torch.Tensor) -> dict[str
         raise ValueError(f"the NMS graph's detections are of other images or classes than PyTorch's postprocess's"
                          f"{NEAR_TIES}")
     diff = np.abs(ordered[0] - ordered[1])
-    return {"boxes": float(diff[:, 1:5].max(initial=0)), "probabilities": float(diff[:, 5].max(initial=0))}
+    return {"boxes": float(diff[:, 1:5].max(initial=0)), "probabilities": float(diff[:, 5].max(initial=0)),
+            "detections": len(diff)}

@@ -37,6 +37,7 @@ EXPECTED_WARNINGS = ("You are using the legacy TorchScript-based ONNX export", "
                      "Using len to get tensor shape", "Constant folding - Only steps=1",
                      "Exporting aten::index operator of advanced indexing")
 
+
 class NonMaxSuppression(torch.autograd.Function):
     """ONNX NonMaxSuppression: per image and class, at most `max_per_class` boxes above `score_threshold`, greedy
     at `iou_threshold`. The forward computes the same in PyTorch (what tracing records shapes from)."""

@@ -46,7 +46,7 @@ from utils.evaluation import COCO_STATS, coco_evaluate, predict
 from utils.logger import RunLogger, log, setup_console_logging
 from utils.loss import build_loss
 from utils.optim import build_optimizer, build_scheduler
-from utils.plots import draw_boxes, image_grid
+from utils.plots import draw_boxes, draw_true_boxes, image_grid
 
 
 @dataclass
@@ -148,13 +148,11 @@ def evaluate_run(model: torch.nn.Module, loader: torch.utils.data.DataLoader, cf
 
 
 def prediction_grid(dataset, rows: np.ndarray, count: int, min_score: float = 0.3) -> np.ndarray:  # noqa: ANN001
-    """The first `count` validation images with true boxes (white) and predictions above min_score (class colours)."""
+    """The first `count` validation images with true boxes (white; crowd regions left out) and predictions above
+    min_score (class colours)."""
     tiles = []
     for image_id in dataset.ids[:count]:
-        image = dataset._load_image(image_id)
-        for a in dataset.coco.loadAnns(dataset.coco.getAnnIds(imgIds=[image_id])):
-            x, y, w, h = (round(v) for v in a["bbox"])
-            cv2.rectangle(image, (x, y), (x + w, y + h), (255, 255, 255), 1)
+        image = draw_true_boxes(dataset._load_image(image_id), dataset._load_target(image_id)[0])
         mine = rows[(rows[:, 0] == image_id) & (rows[:, 5] >= min_score)]
         xyxy = np.concatenate([mine[:, 1:3], mine[:, 1:3] + mine[:, 3:5]], 1)
         classes = [dataset.category_to_class[int(c)] for c in mine[:, 6]]

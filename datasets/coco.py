@@ -18,6 +18,7 @@ from pycocotools.coco import COCO
 from torchvision.datasets import CocoDetection as TorchvisionCocoDetection
 from torchvision.datasets import VisionDataset
 
+from datasets.coco_names import COCO_CATEGORIES, COCO_CATEGORY_IDS, COCO_NAMES
 from datasets.transforms import Preprocess
 
 log = logging.getLogger(__name__)
@@ -208,3 +209,19 @@ def collate(batch: list[Sample | None]) -> tuple[torch.Tensor, torch.Tensor, lis
     targets = torch.cat([torch.nn.functional.pad(b[1], (1, 0), value=float(i)) for i, b in enumerate(batch)])
     return images, targets, [b[2] for b in batch]
 
+
+
+def class_table(ann_file: Path, num_classes: int) -> tuple[list[str], list[int]]:
+    """Names and annotation category ids of classes 0..C-1: the categories of `ann_file` sorted by id (as
+    CocoDetection orders them), or COCO's 80 when the file does not exist and the model has 80 classes."""
+    if ann_file.is_file():
+        categories = sorted((c["id"], c["name"]) for c in read_coco_json(ann_file)["categories"])
+        if len(categories) != num_classes:
+            raise DatasetError(f"{ann_file} has {len(categories)} categories but the model predicts {num_classes} "
+                               "classes; point data.val_annotations (or data.root) at the model's annotation file")
+        return [name for _, name in categories], [cat_id for cat_id, _ in categories]
+    if num_classes == len(COCO_CATEGORIES):
+        return list(COCO_NAMES), list(COCO_CATEGORY_IDS)
+    raise DatasetError(f"no class names for a {num_classes}-class model: {ann_file} does not exist and the classes are "
+                       f"not COCO's {len(COCO_CATEGORIES)}; point data.val_annotations (or data.root) at the "
+                       "annotation file the model was trained with")

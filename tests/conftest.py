@@ -1,8 +1,9 @@
-"""Shared test helpers: Darknet cfg parsing (an independent reference for the models)."""
+"""Shared test helpers: Darknet cfg parsing (an independent reference for the models), a model with known output."""
 import os
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -52,3 +53,24 @@ def darknet_float_count(convs: list[dict]) -> int:
         total += (4 if c["batch_normalize"] else 1) * c["filters"]
         total += c["filters"] * c["in_channels"] * c["size"] ** 2
     return total
+
+
+def grid_model(num_classes: int = 80, cls: int = 2, box: float = 16.0):
+    """A YOLOv3-tiny whose output does not depend on the image: in every cell of the stride-32 head one box of
+    box x box input pixels centred in the cell, at (16 + 32 col, 16 + 32 row), class `cls`, score ~1; nothing else
+    scores above 1e-8. A known answer for drawing, letterbox inversion and export."""
+    from models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("yolov3-tiny", num_classes=num_classes)
+    with torch.no_grad():
+        for head, active in ((model.head32.out, True), (model.head16.out, False)):
+            head.weight.zero_()
+            bias = head.bias.view(len(model.masks[0]), 5 + num_classes)  # (anchor, attribute)
+            bias.fill_(-20.0)
+            bias[:, :2] = 0.0  # sigmoid(0) = 0.5: the cell's centre
+            if active:
+                anchor = model.anchors[model.masks[0][0]]
+                bias[0, 2:4] = torch.log(box / anchor)  # w = exp(tw) * anchor_w = box
+                bias[0, 4] = bias[0, 5 + cls] = 20.0
+    return model.eval()

@@ -350,6 +350,18 @@ class EvalConfig:
 
 
 @dataclass
+class DetectConfig:
+    """Inference tools (detect.py, visualization.py, export.py --nms); the rest of post-processing is eval's."""
+
+    conf_threshold: float = 0.25  # score a detection needs to be drawn or written (eval.conf_threshold is for mAP)
+
+    def check(self, origin: _Origin) -> None:
+        """Raise ConfigError for values inference cannot use."""
+        if not 0 <= self.conf_threshold < 1:
+            origin.fail("conf_threshold", self.conf_threshold, "must be in [0, 1)")
+
+
+@dataclass
 class Config:
     """The whole run configuration, one field per YAML group."""
 
@@ -360,6 +372,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    detect: DetectConfig = field(default_factory=DetectConfig)
 
 
 _SECTIONS: dict[str, type] = typing.get_type_hints(Config)
@@ -531,6 +544,17 @@ def cli_config(args: argparse.Namespace) -> tuple[Config, torch.device]:
         return config_from_args(args), select_device(args.gpu)
     except ConfigError as e:
         raise SystemExit(f"config error: {e}") from e
+
+
+def device_to_gpu(device: str) -> int:
+    """A --device value (cpu, cuda, cuda:N or N) -> the --gpu index select_device takes (-1 for the CPU)."""
+    text = device.strip().lower()
+    if text == "cpu":
+        return -1
+    index = text.removeprefix("cuda").removeprefix(":") or "0"
+    if not index.isdigit():
+        raise ConfigError(f"--device {device!r}: expected cpu, cuda, cuda:N or N (a CUDA device index)")
+    return int(index)
 
 
 def select_device(gpu: int | None) -> torch.device:

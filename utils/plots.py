@@ -9,6 +9,8 @@ import cv2
 import numpy as np
 import torch
 
+TRUE_BOX_COLOR = (255, 255, 255)  # ground truth: white, so that predictions in class colours stand out
+
 
 def class_color(class_index: int) -> tuple[int, int, int]:
     """A stable, distinct RGB colour per class: hues spaced by the golden ratio."""
@@ -35,6 +37,13 @@ def draw_boxes(image: np.ndarray, boxes_xyxy: np.ndarray, classes: np.ndarray, n
         top = max(y1 - th - 4, 0)
         cv2.rectangle(image, (x1, top), (x1 + tw + 2, top + th + 4), color, -1)
         cv2.putText(image, label, (x1 + 1, top + th + 1), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+    return image
+
+
+def draw_true_boxes(image: np.ndarray, boxes_xyxy: np.ndarray) -> np.ndarray:
+    """Draw (K, 4) xyxy pixel ground-truth boxes as thin white outlines, unlabelled, on a (H, W, 3) image, in place."""
+    for x1, y1, x2, y2 in np.asarray(boxes_xyxy).round().astype(int).tolist():
+        cv2.rectangle(image, (x1, y1), (x2, y2), TRUE_BOX_COLOR, 1)
     return image
 
 

@@ -1,0 +1,80 @@
+"""Inference on decoded images: letterbox a batch, run the model, post-process, map back to original pixels.
+
+The same geometry as evaluation (datasets/transforms.py letterbox, utils/postprocess.py inverse), for any images.
+"""
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from datasets.transforms import Preprocess
+from models import YOLO
+from utils.checkpoint import CheckpointError, load_model
+from utils.config import Config, ConfigError, EvalConfig, add_config_args, cli_config, device_to_gpu
+from utils.postprocess import postprocess, to_original_pixels
+
+LETTERBOX = Preprocess()  # no augmentation: fit, pad with grey, to tensor
+NO_BOXES, NO_CLASSES = np.zeros((0, 4), np.float32), np.zeros(0, np.int64)
+
+
+def letterbox_batch(images: Sequence[np.ndarray], size: int) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """(H_i, W_i, 3) uint8 RGB images -> (B, 3, size, size) float in [0, 1] and one meta per image
+    {orig_size (h, w), letterbox}, as the dataset gives for evaluation."""
+    tensors, metas = [], []
+    for image in images:
+        tensor, _, letterbox = LETTERBOX(image, NO_BOXES, NO_CLASSES, size)
+        tensors.append(tensor)
+        metas.append({"orig_size": image.shape[:2], "letterbox": letterbox})
+    return torch.stack(tensors), metas
+
+
+@torch.inference_mode()
+def detect(model: torch.nn.Module, images: Sequence[np.ndarray], size: int, eval_cfg: EvalConfig,
+           conf_threshold: float, device: torch.device) -> torch.Tensor:
+    """Images (H_i, W_i, 3) uint8 RGB -> detections (M, 7) [image_index, x1, y1, x2, y2, score, class] in each
+    image's original pixels, on the CPU. The model runs in its own dtype (fp16 after model.half())."""
+    batch, metas = letterbox_batch(images, size)
+    dtype = next(model.parameters()).dtype
+    pred = model(batch.to(device, dtype, non_blocking=True)).float()  # (B, N, 5+C)
+    detections = postprocess(pred, conf_threshold, eval_cfg.nms_iou, eval_cfg.max_det, eval_cfg.max_candidates,
+                             eval_cfg.multi_label)
+    return to_original_pixels(detections.cpu(), metas)
+
+
+def add_inference_args(parser: argparse.ArgumentParser) -> None:
+    """The options detect.py and visualization.py share: config, weights, size, threshold, device, output folder."""
+    add_config_args(parser)
+    parser.add_argument("--weights", required=True, type=Path, help="checkpoint (.pt) or Darknet .weights file")
+    parser.add_argument("--img-size", type=int, help="network input side, a multiple of 32 (default: data.img_size)")
+    parser.add_argument("--conf", type=float, help="score threshold (default: detect.conf_threshold)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:N or N (the same as --gpu; default: cuda:0 if available)")
+    parser.add_argument("--half", action="store_true", help="fp16 weights and inputs (CUDA only)")
+    parser.add_argument("--out", type=Path, help="output folder (default: <logging.dir>/<tool>_<weights stem>)")
+
+
+def inference_setup(args: argparse.Namespace) -> tuple[YOLO, Config, torch.device]:
+    """Parsed add_inference_args options -> the fused eval-mode model on its device (fp16 with --half), the config
+    whose `model` section describes it, and the device; a bad option, config or weights file exits with one line."""
+    # the options are shorthands for config keys, so the config's checks and messages apply to them
+    for key, value in (("data.img_size", args.img_size), ("detect.conf_threshold", args.conf)):
+        if value is not None:
+            args.overrides.append(f"{key}={value}")
+    if args.device is not None:
+        try:
+            args.gpu = device_to_gpu(args.device)
+        except ConfigError as e:
+            raise SystemExit(f"error: {e}") from e
+    cfg, device = cli_config(args)
+    if args.half and device.type != "cuda":
+        raise SystemExit(f"error: --half runs fp16 on CUDA only; this run is on {device} (use --device cuda)")
+    try:
+        model, cfg = load_model(args.weights, cfg)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from e
+    model = model.fuse().to(device)
+    return (model.half() if args.half else model), cfg, device

@@ -5,19 +5,20 @@ import contextlib
 import io
 import json
 import logging
+import math
 import random
 import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from pycocotools.coco import COCO
 from torchvision.datasets import CocoDetection as TorchvisionCocoDetection
 from torchvision.datasets import VisionDataset
 
+from datasets.images import MAX_PIXELS, DatasetError, decode_image
 from datasets.transforms import Preprocess
 
 log = logging.getLogger(__name__)
@@ -30,8 +31,66 @@ REQUIRED_KEYS = {"images": ("id", "file_name", "width", "height"),
 Sample = tuple[torch.Tensor, torch.Tensor, dict[str, Any]]
 
 
-class DatasetError(ValueError):
-    """An annotation file or image that cannot be used; the message names the file and the problem."""
+def _is_number(value: Any) -> bool:
+    """A JSON number (true and false are not numbers, though Python's bool is an int)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_finite_number(value: Any) -> bool:
+    """A JSON number that converts to a finite float (an int beyond 1.8e308 does not)."""
+    try:
+        return _is_number(value) and math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
+def _check_ids(path: Path, data: dict) -> None:
+    """Integer ids, unique per section; annotations' image_id and category_id integers too."""
+    for section in REQUIRED_KEYS:
+        for i, entry in enumerate(data[section]):
+            if not isinstance(entry["id"], int) or isinstance(entry["id"], bool):
+                raise DatasetError(f"{path}: {section}[{i}] has id {entry['id']!r}; ids must be integers")
+        ids = Counter(entry["id"] for entry in data[section])
+        duplicates = [i for i, n in ids.items() if n > 1]
+        if duplicates:
+            raise DatasetError(f"{path}: duplicate {section} id(s) {duplicates[:5]}")
+    for entry in data["annotations"]:
+        for key in ("image_id", "category_id"):
+            if not isinstance(entry[key], int) or isinstance(entry[key], bool):
+                raise DatasetError(f"{path}: annotation id {entry['id']}: {key}={entry[key]!r}, expected an integer")
+
+
+def _check_image(path: Path, entry: dict) -> None:
+    """A relative file_name inside the image folder and a positive, finite size of at most MAX_PIXELS."""
+    name = entry["file_name"]
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise DatasetError(f"{path}: image id {entry['id']}: file_name={name!r}, expected a non-empty string "
+                           "without NUL characters")
+    if Path(name).is_absolute() or ".." in Path(name).parts:
+        raise DatasetError(f"{path}: image id {entry['id']} file_name {name!r} leads outside the image folder; "
+                           "file names must be relative paths inside it")
+    width, height = entry["width"], entry["height"]
+    if not (_is_finite_number(width) and _is_finite_number(height) and width > 0 and height > 0):
+        raise DatasetError(f"{path}: image id {entry['id']}: width={width!r} height={height!r}, expected positive "
+                           "numbers")
+    if width * height > MAX_PIXELS:
+        raise DatasetError(f"{path}: image id {entry['id']}: {width}x{height} pixels, more than the {MAX_PIXELS:,} "
+                           "this loader accepts (datasets/images.py MAX_PIXELS)")
+
+
+def _check_annotation(path: Path, entry: dict) -> None:
+    """bbox: 4 numbers (NaN and infinity allowed here: image_boxes drops and counts them); iscrowd 0 or 1; area a
+    number (COCO's evaluation reads both)."""
+    bbox = entry["bbox"]
+    if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
+        raise DatasetError(f"{path}: annotation id {entry['id']}: bbox must be 4 numbers [x, y, w, h], got {bbox!r}")
+    if not all(_is_finite_number(v) or isinstance(v, float) for v in bbox):
+        raise DatasetError(f"{path}: annotation id {entry['id']}: bbox {bbox!r} holds a number too large for a "
+                           "float")
+    if entry.get("iscrowd", 0) not in (0, 1) or isinstance(entry.get("iscrowd", 0), float):
+        raise DatasetError(f"{path}: annotation id {entry['id']}: iscrowd={entry['iscrowd']!r}, expected 0 or 1")
+    if not _is_number(entry.get("area", 0)):
+        raise DatasetError(f"{path}: annotation id {entry['id']}: area={entry['area']!r}, expected a number")
 
 
 def read_coco_json(path: Path) -> dict:
@@ -42,6 +101,8 @@ def read_coco_json(path: Path) -> dict:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DatasetError(f"{path}: not valid JSON: {e}") from e
+    except RecursionError as e:
+        raise DatasetError(f"{path}: not valid JSON: nested too deeply") from e
     if not isinstance(data, dict):
         raise DatasetError(f"{path}: the top level must be an object with {', '.join(REQUIRED_KEYS)}")
     for section, keys in REQUIRED_KEYS.items():
@@ -52,23 +113,28 @@ def read_coco_json(path: Path) -> dict:
                 raise DatasetError(f"{path}: {section}[{i}] is not an object: {entry!r}")
             missing = [k for k in keys if k not in entry]
             if missing:
-                raise DatasetError(f"{path}: {section}[{i}] (id {entry.get('id', '?')}) lacks key {missing[0]!r}; "
+                raise DatasetError(f"{path}: {section}[{i}] (id {entry.get('id', '?')!r}) lacks key {missing[0]!r}; "
                                    f"every entry of {section!r} needs {keys}")
-    for section in REQUIRED_KEYS:
-        ids = Counter(entry["id"] for entry in data[section])
-        duplicates = [i for i, n in ids.items() if n > 1]
-        if duplicates:
-            raise DatasetError(f"{path}: duplicate {section} id(s) {duplicates[:5]}")
+    _check_ids(path, data)
     for entry in data["images"]:
-        if not all(isinstance(entry[k], int | float) and entry[k] > 0 for k in ("width", "height")):
-            raise DatasetError(f"{path}: image id {entry['id']}: width={entry['width']!r} height={entry['height']!r},"
-                               " expected positive numbers")
+        _check_image(path, entry)
     for entry in data["annotations"]:
-        bbox = entry["bbox"]
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, int | float) for v in bbox)):
-            raise DatasetError(f"{path}: annotation id {entry['id']}: bbox must be 4 numbers [x, y, w, h], "
-                               f"got {bbox!r}")
+        _check_annotation(path, entry)
+    for entry in data["categories"]:
+        if not isinstance(entry["name"], str):
+            raise DatasetError(f"{path}: category id {entry['id']}: name={entry['name']!r}, expected a string")
     return data
+
+
+def fill_evaluation_keys(data: dict) -> int:
+    """Give annotations without them COCO's `iscrowd` (0) and `area` (bbox w * h), which pycocotools' evaluation
+    reads (else it fails at the first evaluation); returns how many annotations lacked either."""
+    lacking = 0
+    for a in data["annotations"]:
+        lacking += "iscrowd" not in a or "area" not in a
+        a.setdefault("iscrowd", 0)
+        a.setdefault("area", float(a["bbox"][2]) * float(a["bbox"][3]))
+    return lacking
 
 
 def image_boxes(data: dict, path: Path, category_to_class: dict[int, int]
@@ -125,6 +191,8 @@ class CocoDetection(TorchvisionCocoDetection):
         VisionDataset.__init__(self, str(img_folder))
         self.ann_file = Path(ann_file)
         data = read_coco_json(self.ann_file)
+        if lacking := fill_evaluation_keys(data):
+            log.info("%s: %d annotation(s) without 'area' or 'iscrowd': using bbox w * h and 0", self.ann_file, lacking)
         self.coco = COCO()
         self.coco.dataset = data
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
@@ -155,22 +223,8 @@ class CocoDetection(TorchvisionCocoDetection):
 
     def _load_image(self, id: int) -> np.ndarray:  # noqa: A002 (torchvision's signature)
         """Decode an image to (H, W, 3) uint8 RGB in the pixel frame its annotations use."""
-        info, path = self.coco.imgs[id], self.image_path(id)
-        # IMREAD_COLOR_RGB gives 3 channels, 8 bits, RGB (no separate BGR->RGB pass) from greyscale, RGBA, CMYK and
-        # 16-bit files alike.
-        image = cv2.imread(str(path), cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION)
-        if image is None:
-            if not path.is_file():
-                raise FileNotFoundError(f"image not found: {path} (image id {id} in {self.ann_file})")
-            raise DatasetError(f"{path}: cannot be decoded as an image (image id {id} in {self.ann_file})")
-        expected = (info["height"], info["width"])
-        if image.shape[:2] != expected and image.shape[1::-1] == expected:
-            # annotated as displayed: apply the EXIF orientation, which swaps the sides
-            image = cv2.imread(str(path), cv2.IMREAD_COLOR_RGB)
-        if image.shape[:2] != expected:
-            raise DatasetError(f"{path}: decoded size {image.shape[1]}x{image.shape[0]} differs from the annotation's "
-                               f"{info['width']}x{info['height']} (image id {id} in {self.ann_file})")
-        return image
+        info = self.coco.imgs[id]
+        return decode_image(self.image_path(id), info["width"], info["height"], f"image id {id} in {self.ann_file}")
 
     def _load_target(self, id: int) -> tuple[np.ndarray, np.ndarray]:  # noqa: A002
         """(K, 4) xyxy boxes in original pixels and (K,) contiguous classes, crowd and degenerate boxes removed."""

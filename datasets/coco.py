@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import random
+import reprlib
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -85,8 +86,8 @@ def _check_annotation(path: Path, entry: dict) -> None:
     if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
         raise DatasetError(f"{path}: annotation id {entry['id']}: bbox must be 4 numbers [x, y, w, h], got {bbox!r}")
     if not all(_is_finite_number(v) or isinstance(v, float) for v in bbox):
-        raise DatasetError(f"{path}: annotation id {entry['id']}: bbox {bbox!r} holds a number too large for a "
-                           "float")
+        raise DatasetError(f"{path}: annotation id {entry['id']}: bbox {reprlib.repr(bbox)} holds a number too "
+                           "large for a float")
     if entry.get("iscrowd", 0) not in (0, 1) or isinstance(entry.get("iscrowd", 0), float):
         raise DatasetError(f"{path}: annotation id {entry['id']}: iscrowd={entry['iscrowd']!r}, expected 0 or 1")
     if not _is_number(entry.get("area", 0)):

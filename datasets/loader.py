@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import re
 from collections.abc import Iterator, Sequence, Sized
 from typing import Any
 
@@ -139,10 +140,10 @@ def _worker_message(error: Exception) -> str:
     """The message an exception had inside a DataLoader worker: torch re-raises it in the main process as
     "Caught X in DataLoader worker process N. Original Traceback ... X: <message>"."""
     text = str(error)
-    start = text.rfind(f"{type(error).__name__}: ")
-    if not text.startswith("Caught ") or start < 0:
+    start, where = text.rfind(f"{type(error).__name__}: "), re.search(r"in DataLoader worker process \d+", text)
+    if not text.startswith("Caught ") or start < 0 or where is None:
         return text
-    return f"{text[start + len(type(error).__name__) + 2:].strip()} ({text.splitlines()[0].removeprefix('Caught ')})"
+    return f"{text[start + len(type(error).__name__) + 2:].strip()} ({where[0]})"
 
 
 def checked_batches(loader: DataLoader) -> Iterator[Any]:

@@ -70,7 +70,7 @@ def endurance(shapes: Path, out: Path, steps: int, eval_every: int, workers: int
         time.sleep(0.2)
     leaked = Counter(open_fds()) - fds_before
     by_step = {step: (rss, workers_pss) for step, rss, workers_pss in watcher.samples}
-    first_eval = min((s for s in by_step if s >= eval_every), default=min(by_step))
+    first_eval = min((s for s in by_step if s > eval_every), default=max(by_step))  # the first sample after it
     return {"steps": steps, "seconds": seconds, "samples": watcher.samples, "rss_start": watcher.samples[0][1],
             "rss_first_eval": by_step[first_eval][0], "rss_end": watcher.samples[-1][1],
             "workers_pss_first_eval": by_step[first_eval][1], "workers_pss_end": watcher.samples[-1][2],

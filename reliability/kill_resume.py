@@ -36,7 +36,7 @@ class Kill:
     last_logged: int  # the last step the run reported as done before it died
     checkpoint_step: int  # the step last.pt holds after the kill
     lost: int  # completed steps not in last.pt
-    temp_left: bool  # a partly written .last.pt.tmp lies next to last.pt
+    cut_write: bool  # this run left a partly written .last.pt.tmp: it was killed inside a checkpoint write
     loadable: int  # checkpoint files on disk, all of them loaded
 
 
@@ -68,12 +68,13 @@ def run_until(command: list[str], kill_after_step: int | None, delay: float, tim
     return last, "".join(lines), code
 
 
-def inspect_run(run_dir: Path) -> tuple[int, int, bool]:
+def inspect_run(run_dir: Path, since: float) -> tuple[int, int, bool]:
     """Load every checkpoint of a run folder (CheckpointError if one is unreadable); returns (last.pt's step, files
-    loaded, whether a temporary file was left)."""
+    loaded, whether a temporary file was written after time `since` and left)."""
     files = sorted(run_dir.glob("*.pt"))
     states = {p.name: load_checkpoint(p) for p in files}
-    return states["last.pt"]["state"]["step"], len(files), (run_dir / ".last.pt.tmp").exists()
+    temp = run_dir / ".last.pt.tmp"
+    return states["last.pt"]["state"]["step"], len(files), temp.exists() and temp.stat().st_mtime >= since
 
 
 def kill_and_resume(shapes: Path, out: Path, steps: int, every: int, kills: int, save_kills: int, *overrides: str,
@@ -88,24 +89,26 @@ def kill_and_resume(shapes: Path, out: Path, steps: int, every: int, kills: int,
     settings = (f"train.steps={steps}", f"train.checkpoint_every={every}", *overrides)
     args = tiny_run_args(shapes, out / "killed", *settings)
     run_dir, step, rows = None, 0, []
-    for how in events:
+    for number, how in enumerate(events):
         if how == "save":  # the first write of a fresh run must succeed, or there is nothing to resume from
             nth = rng.randint(2 if run_dir is None else 1, 3)
             command = [sys.executable, "-u", "-m", "reliability.kill_during_save", str(nth)]
             kill_after, delay, how = None, 0.0, f"in save {nth}"
         else:
             command = [sys.executable, "-u", "main.py"]
-            kill_after = min(steps - 1, step + rng.randint(every + 1 if run_dir is None else 1, 2 * every + 1))
+            spread = 2 * (steps - step) // (len(events) - number + 1)  # the kills spread over the whole run
+            kill_after = min(steps - 1, step + rng.randint(every + 1 if run_dir is None else 1, max(spread, every + 2)))
             delay = rng.uniform(0.0, 0.5)  # lands anywhere in the next step, a checkpoint write included
         resume = ["--resume", str(run_dir / "last.pt"), "--device", "cpu"] if run_dir else args
+        started = time.time()
         last, output, code = run_until(command + resume, kill_after, delay, timeout)
         if code != -signal.SIGKILL:
             if code == 0 and step < steps:  # finished before its kill: nothing more to kill
                 break
             raise RuntimeError(f"run exited with {code}, not killed:\n{output[-3000:]}")
         run_dir = run_dir or next((out / "killed").iterdir())
-        checkpoint_step, loaded, temp_left = inspect_run(run_dir)
-        rows.append(Kill(how, step, last, checkpoint_step, last - checkpoint_step, temp_left, loaded))
+        checkpoint_step, loaded, cut_write = inspect_run(run_dir, started)
+        rows.append(Kill(how, step, last, checkpoint_step, last - checkpoint_step, cut_write, loaded))
         step = checkpoint_step
     train_main.main(["--resume", str(run_dir / "last.pt"), "--device", "cpu"])
     final = load_checkpoint(run_dir / "last.pt")
@@ -118,11 +121,11 @@ def kill_and_resume(shapes: Path, out: Path, steps: int, every: int, kills: int,
 def print_table(result: dict, every: int) -> None:
     """The figures as a Markdown table."""
     print(f"| # | killed | resumed from step | last step logged | last.pt step | steps lost (max {every}) | "
-          "temp file left | checkpoints loaded |")
+          "cut a checkpoint write | checkpoints loaded |")
     print("|---|---|---|---|---|---|---|---|")
     for i, k in enumerate(result["kills"], 1):
         print(f"| {i} | {k.how} | {k.resumed_from} | {k.last_logged} | {k.checkpoint_step} | {k.lost} | "
-              f"{'yes' if k.temp_left else 'no'} | {k.loadable} |")
+              f"{'yes' if k.cut_write else 'no'} | {k.loadable} |")
     print(f"\nfinal step {result['final_step']}; weights equal to the uninterrupted run: {result['weights_equal']}")
 
 

@@ -24,7 +24,7 @@ def test_kill_9_three_times_then_resume_to_the_uninterrupted_weights(tmp_path, o
     assert len(kills) == 3, kills
     assert [k.how.startswith("in save") for k in kills].count(True) == 1
     cut = next(k for k in kills if k.how.startswith("in save"))
-    assert cut.temp_left  # killed with the temporary file half written, and last.pt still loaded
+    assert cut.cut_write  # killed with the temporary file half written, and last.pt still loaded
     for k in kills:
         assert k.loadable >= 1  # every checkpoint file on disk loaded
         assert 0 <= k.lost <= 2  # train.checkpoint_every

@@ -166,7 +166,7 @@ def checked_batches(loader: DataLoader) -> Iterator[Any]:
                 "disk?), run with data.workers=0 to see where it stops, or raise data.timeout") from e
         if "DataLoader worker (pid" in text:
             raise LoaderError(
-                f"{text.strip()} A DataLoader worker process died: most often the out-of-memory killer (see "
-                "`dmesg`) or a crash in a native library. Lower data.workers or train.batch_size, or run with "
+                f"{text.strip().rstrip('.')}. A DataLoader worker process died: most often the out-of-memory killer "
+                "(see `dmesg`) or a crash in a native library. Lower data.workers or train.batch_size, or run with "
                 "data.workers=0 to see the error in the main process") from e
         raise

@@ -5,7 +5,6 @@ import contextlib
 import io
 import json
 import logging
-import math
 import random
 import reprlib
 import warnings
@@ -32,66 +31,68 @@ REQUIRED_KEYS = {"images": ("id", "file_name", "width", "height"),
 Sample = tuple[torch.Tensor, torch.Tensor, dict[str, Any]]
 
 
-def _is_number(value: Any) -> bool:
-    """A JSON number (true and false are not numbers, though Python's bool is an int)."""
-    return isinstance(value, int | float) and not isinstance(value, bool)
+NUMBER_TYPES = (int, float)  # what json.loads gives for numbers; `type(v) in` leaves out bool, a subclass of int
+LARGEST_FLOAT = 2**1023  # an int from the file beyond this does not become a finite float
 
 
-def _is_finite_number(value: Any) -> bool:
-    """A JSON number that converts to a finite float (an int beyond 1.8e308 does not)."""
-    try:
-        return _is_number(value) and math.isfinite(float(value))
-    except OverflowError:
-        return False
-
-
-def _check_ids(path: Path, data: dict) -> None:
-    """Integer ids, unique per section; annotations' image_id and category_id integers too."""
-    for section in REQUIRED_KEYS:
-        for i, entry in enumerate(data[section]):
-            if not isinstance(entry["id"], int) or isinstance(entry["id"], bool):
+def _check_entries(path: Path, data: dict) -> None:
+    """Each section a list of objects with its REQUIRED_KEYS and an integer id, unique within the section."""
+    for section, keys in REQUIRED_KEYS.items():
+        entries = data.get(section)
+        if type(entries) is not list:
+            raise DatasetError(f"{path}: missing or not a list: key {section!r}")
+        needed = set(keys)
+        for i, entry in enumerate(entries):
+            if type(entry) is not dict:
+                raise DatasetError(f"{path}: {section}[{i}] is not an object: {reprlib.repr(entry)}")
+            if not entry.keys() >= needed:
+                missing = next(k for k in keys if k not in entry)
+                raise DatasetError(f"{path}: {section}[{i}] (id {entry.get('id', '?')!r}) lacks key {missing!r}; "
+                                   f"every entry of {section!r} needs {keys}")
+            if type(entry["id"]) is not int:
                 raise DatasetError(f"{path}: {section}[{i}] has id {entry['id']!r}; ids must be integers")
-        ids = Counter(entry["id"] for entry in data[section])
-        duplicates = [i for i, n in ids.items() if n > 1]
-        if duplicates:
-            raise DatasetError(f"{path}: duplicate {section} id(s) {duplicates[:5]}")
-    for entry in data["annotations"]:
+        ids = Counter(entry["id"] for entry in entries)
+        if len(ids) < len(entries):
+            raise DatasetError(f"{path}: duplicate {section} id(s) {[i for i, n in ids.items() if n > 1][:5]}")
+
+
+def _check_images(path: Path, images: list[dict]) -> None:
+    """A relative file_name inside the image folder, and a positive, finite size of at most MAX_PIXELS."""
+    for entry in images:
+        name, width, height = entry["file_name"], entry["width"], entry["height"]
+        if type(name) is not str or not name or "\0" in name:
+            raise DatasetError(f"{path}: image id {entry['id']}: file_name={name!r}, expected a non-empty string "
+                               "without NUL characters")
+        if name.startswith("/") or ".." in name.split("/"):
+            raise DatasetError(f"{path}: image id {entry['id']} file_name {name!r} leads outside the image folder; "
+                               "file names must be relative paths inside it")
+        if not (type(width) in NUMBER_TYPES and type(height) in NUMBER_TYPES and 0 < width < LARGEST_FLOAT
+                and 0 < height < LARGEST_FLOAT):  # NaN fails every comparison
+            raise DatasetError(f"{path}: image id {entry['id']}: width={width!r} height={height!r}, expected positive "
+                               "numbers")
+        if width * height > MAX_PIXELS:
+            raise DatasetError(f"{path}: image id {entry['id']}: {width}x{height} pixels, more than the "
+                               f"{MAX_PIXELS:,} this loader accepts (datasets/images.py MAX_PIXELS)")
+
+
+def _check_annotations(path: Path, annotations: list[dict]) -> None:
+    """Integer image_id and category_id; bbox 4 numbers (NaN and infinity allowed here: image_boxes drops and counts
+    them); iscrowd 0 or 1 and area a number (COCO's evaluation reads both)."""
+    for entry in annotations:
+        bbox, crowd, area = entry["bbox"], entry.get("iscrowd", 0), entry.get("area", 0)
         for key in ("image_id", "category_id"):
-            if not isinstance(entry[key], int) or isinstance(entry[key], bool):
+            if type(entry[key]) is not int:
                 raise DatasetError(f"{path}: annotation id {entry['id']}: {key}={entry[key]!r}, expected an integer")
-
-
-def _check_image(path: Path, entry: dict) -> None:
-    """A relative file_name inside the image folder and a positive, finite size of at most MAX_PIXELS."""
-    name = entry["file_name"]
-    if not isinstance(name, str) or not name or "\0" in name:
-        raise DatasetError(f"{path}: image id {entry['id']}: file_name={name!r}, expected a non-empty string "
-                           "without NUL characters")
-    if Path(name).is_absolute() or ".." in Path(name).parts:
-        raise DatasetError(f"{path}: image id {entry['id']} file_name {name!r} leads outside the image folder; "
-                           "file names must be relative paths inside it")
-    width, height = entry["width"], entry["height"]
-    if not (_is_finite_number(width) and _is_finite_number(height) and width > 0 and height > 0):
-        raise DatasetError(f"{path}: image id {entry['id']}: width={width!r} height={height!r}, expected positive "
-                           "numbers")
-    if width * height > MAX_PIXELS:
-        raise DatasetError(f"{path}: image id {entry['id']}: {width}x{height} pixels, more than the {MAX_PIXELS:,} "
-                           "this loader accepts (datasets/images.py MAX_PIXELS)")
-
-
-def _check_annotation(path: Path, entry: dict) -> None:
-    """bbox: 4 numbers (NaN and infinity allowed here: image_boxes drops and counts them); iscrowd 0 or 1; area a
-    number (COCO's evaluation reads both)."""
-    bbox = entry["bbox"]
-    if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
-        raise DatasetError(f"{path}: annotation id {entry['id']}: bbox must be 4 numbers [x, y, w, h], got {bbox!r}")
-    if not all(_is_finite_number(v) or isinstance(v, float) for v in bbox):
-        raise DatasetError(f"{path}: annotation id {entry['id']}: bbox {reprlib.repr(bbox)} holds a number too "
-                           "large for a float")
-    if entry.get("iscrowd", 0) not in (0, 1) or isinstance(entry.get("iscrowd", 0), float):
-        raise DatasetError(f"{path}: annotation id {entry['id']}: iscrowd={entry['iscrowd']!r}, expected 0 or 1")
-    if not _is_number(entry.get("area", 0)):
-        raise DatasetError(f"{path}: annotation id {entry['id']}: area={entry['area']!r}, expected a number")
+        if type(bbox) is not list or len(bbox) != 4 or not all(type(v) in NUMBER_TYPES for v in bbox):
+            raise DatasetError(f"{path}: annotation id {entry['id']}: bbox must be 4 numbers [x, y, w, h], got "
+                               f"{reprlib.repr(bbox)}")
+        if not all(type(v) is float or -LARGEST_FLOAT < v < LARGEST_FLOAT for v in bbox):
+            raise DatasetError(f"{path}: annotation id {entry['id']}: bbox {reprlib.repr(bbox)} holds a number too "
+                               "large for a float")
+        if crowd not in (0, 1) or type(crowd) is float:
+            raise DatasetError(f"{path}: annotation id {entry['id']}: iscrowd={crowd!r}, expected 0 or 1")
+        if type(area) not in NUMBER_TYPES:
+            raise DatasetError(f"{path}: annotation id {entry['id']}: area={area!r}, expected a number")
 
 
 def read_coco_json(path: Path) -> dict:
@@ -106,23 +107,11 @@ def read_coco_json(path: Path) -> dict:
         raise DatasetError(f"{path}: not valid JSON: nested too deeply") from e
     if not isinstance(data, dict):
         raise DatasetError(f"{path}: the top level must be an object with {', '.join(REQUIRED_KEYS)}")
-    for section, keys in REQUIRED_KEYS.items():
-        if not isinstance(data.get(section), list):
-            raise DatasetError(f"{path}: missing or not a list: key {section!r}")
-        for i, entry in enumerate(data[section]):
-            if not isinstance(entry, dict):
-                raise DatasetError(f"{path}: {section}[{i}] is not an object: {entry!r}")
-            missing = [k for k in keys if k not in entry]
-            if missing:
-                raise DatasetError(f"{path}: {section}[{i}] (id {entry.get('id', '?')!r}) lacks key {missing[0]!r}; "
-                                   f"every entry of {section!r} needs {keys}")
-    _check_ids(path, data)
-    for entry in data["images"]:
-        _check_image(path, entry)
-    for entry in data["annotations"]:
-        _check_annotation(path, entry)
+    _check_entries(path, data)
+    _check_images(path, data["images"])
+    _check_annotations(path, data["annotations"])
     for entry in data["categories"]:
-        if not isinstance(entry["name"], str):
+        if type(entry["name"]) is not str:
             raise DatasetError(f"{path}: category id {entry['id']}: name={entry['name']!r}, expected a string")
     return data
 

@@ -26,8 +26,9 @@ import torch
 from tqdm import tqdm
 
 from datasets.coco import DatasetError
-from datasets.loader import build_dataset, build_loader
+from datasets.loader import LoaderError, build_dataset, build_loader, checked_batches
 from models import build_model
+from utils.bad_steps import BadStepCounter
 from utils.checkpoint import CheckpointError, checkpoint_weights, load_checkpoint, save_checkpoint
 from utils.config import (
     Config,
@@ -60,6 +61,7 @@ class TrainState:
     best_step: int = 0
     evals_without_improvement: int = 0
     skipped_steps: int = 0
+    skipped_images: int = 0  # unreadable images left out of their batch (data.skip_bad_images)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,8 +111,9 @@ def micro_batches(loader: torch.utils.data.DataLoader, state: TrainState, device
     state.batch_in_epoch current so a checkpoint knows where the data stands."""
     while True:
         loader.batch_sampler.set_epoch(state.epoch, start_batch=state.batch_in_epoch)
-        for images, targets, _ in loader:
+        for images, targets, _ in checked_batches(loader):
             state.batch_in_epoch += 1
+            state.skipped_images += loader.batch_sampler.batch_size - len(images)
             if len(images):  # every image of the batch unreadable and skipped
                 yield images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         state.epoch, state.batch_in_epoch = state.epoch + 1, 0
@@ -121,7 +124,10 @@ def load_start_weights(model: torch.nn.Module, path: Path) -> str:
     if path.suffix != ".pt":
         return f"Darknet {model.load_darknet_weights(path)}"
     state = load_checkpoint(path)
-    model.load_state_dict(checkpoint_weights(state))
+    try:
+        model.load_state_dict(checkpoint_weights(state))
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: its weights do not fit the model of this config: {e}") from e
     return "checkpoint weights"
 
 
@@ -203,7 +209,10 @@ def main(argv: list[str] | None = None) -> dict:  # noqa: C901 (one sequence, ph
     model = build_model(cfg.model.arch, cfg.model.encoder, cfg.model.num_classes, cfg.model.anchors,
                         cfg.model.pretrained and resumed is None, cfg.model.pretrained_path)
     if args.weights and resumed is None:
-        log.info("%s: loaded the %s", args.weights, load_start_weights(model, args.weights))
+        try:
+            log.info("%s: loaded the %s", args.weights, load_start_weights(model, args.weights))
+        except (CheckpointError, ValueError, FileNotFoundError) as e:  # a file that does not fit this model
+            raise SystemExit(f"error: --weights: {e}") from e
     if cfg.train.sync_bn and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device, memory_format=torch.channels_last)  # NHWC convs: faster with oneDNN (CPU) and cuDNN (AMP)
@@ -242,10 +251,13 @@ def main(argv: list[str] | None = None) -> dict:  # noqa: C901 (one sequence, ph
 
     def checkpoint(name: str) -> None:
         if main_process:
-            save_checkpoint({"model": model.state_dict(), "ema": ema.state_dict() if ema else None,
-                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                             "scaler": scaler.state_dict(), "state": asdict(state), "config": config_to_dict(cfg),
-                             "rng": rng_state()}, run_dir / name)
+            try:
+                save_checkpoint({"model": model.state_dict(), "ema": ema.state_dict() if ema else None,
+                                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                 "scaler": scaler.state_dict(), "state": asdict(state), "config": config_to_dict(cfg),
+                                 "rng": rng_state()}, run_dir / name)
+            except CheckpointError as e:
+                raise SystemExit(f"error: training stopped at step {state.step}: {e}") from e
 
     stop: list[int] = []  # the signal that asked to stop; the step in progress finishes, then last.pt is written
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -257,6 +269,7 @@ def main(argv: list[str] | None = None) -> dict:  # noqa: C901 (one sequence, ph
     progress = tqdm(total=cfg.train.steps, initial=state.step, disable=not main_process or not sys.stderr.isatty(),
                     desc="train", unit="step", dynamic_ncols=True)
     window = {"start": time.perf_counter(), "data": 0.0, "images": 0}
+    bad_steps = BadStepCounter(cfg.train.max_bad_steps, run_dir / "last.pt")
     while state.step < cfg.train.steps and not stop:
         start = time.perf_counter()
         step_batches = [next(batches) for _ in range(cfg.train.subdivisions)]
@@ -264,6 +277,8 @@ def main(argv: list[str] | None = None) -> dict:  # noqa: C901 (one sequence, ph
         window["images"] += sum(len(images) for images, _ in step_batches) * world
         result = train_step(train_model, loss_fn, step_batches, optimizer, scaler, amp_dtype,
                             cfg.train.clip_grad_norm)
+        if diverged := bad_steps.update(state.step + 1, result, scheduler.get_last_lr()[0]):
+            raise SystemExit(f"error: {diverged}")  # no last.pt is written: the one on disk is the last good state
         scheduler.step()
         if ema and not result.skipped:
             ema.update(model)
@@ -279,13 +294,14 @@ def main(argv: list[str] | None = None) -> dict:  # noqa: C901 (one sequence, ph
             scalars = {**{f"loss/{k}": v for k, v in result.losses.items()}, "lr": scheduler.get_last_lr()[0],
                        "grad_norm": result.grad_norm, "speed/images_per_s": window["images"] / seconds,
                        "speed/data_fraction": window["data"] / seconds, "memory_gb": memory / 2**30,
-                       "skipped_steps": state.skipped_steps}
+                       "skipped_steps": state.skipped_steps, "skipped_images": state.skipped_images}
             logger.scalars(scalars, state.step)
             log.info("step %d/%d | loss %.4f (xy %.3f wh %.3f obj %.3f cls %.3f) | lr %.2e | grad %.2f | "
-                     "%.1f img/s, data %.0f%% | skipped %d", state.step, cfg.train.steps, result.losses["total"],
-                     result.losses["xy"], result.losses["wh"], result.losses["obj"], result.losses["cls"],
+                     "%.1f img/s, data %.0f%% | skipped %d steps, %d images", state.step, cfg.train.steps,
+                     result.losses["total"], result.losses["xy"], result.losses["wh"], result.losses["obj"],
+                     result.losses["cls"],
                      scalars["lr"], result.grad_norm, scalars["speed/images_per_s"],
-                     100 * scalars["speed/data_fraction"], state.skipped_steps)
+                     100 * scalars["speed/data_fraction"], state.skipped_steps, state.skipped_images)
             window = {"start": time.perf_counter(), "data": 0.0, "images": 0}
         if state.step % cfg.train.checkpoint_every == 0:
             checkpoint("last.pt")
@@ -316,4 +332,7 @@ def main(argv: list[str] | None = None) -> dict:  # noqa: C901 (one sequence, ph
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except LoaderError as e:  # an unreadable image, a dead or hung DataLoader worker: a message, not a traceback
+        raise SystemExit(f"error: {e}") from e

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from datasets.coco import DatasetError
-from datasets.loader import build_dataset, build_loader
+from datasets.loader import LoaderError, build_dataset, build_loader
 from utils.checkpoint import CheckpointError, load_model
 from utils.config import add_config_args, cli_config, config_to_dict
 from utils.evaluation import coco_evaluate, evaluate, rows_to_json, save_json
@@ -65,7 +65,11 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_fuse:
         model.fuse()
     loader = build_loader(cfg, dataset, train=False, batch_size=cfg.eval.batch_size, device=device)
-    result = evaluate(model.to(device, memory_format=torch.channels_last), loader, cfg.eval, device, amp=args.amp)
+    try:
+        result = evaluate(model.to(device, memory_format=torch.channels_last), loader, cfg.eval, device,
+                          amp=args.amp)
+    except LoaderError as e:
+        raise SystemExit(f"error: {e}") from e
 
     print(result.table)
     seconds = " ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())

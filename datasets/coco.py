@@ -6,12 +6,12 @@ import io
 import json
 import logging
 import random
+import reprlib
 import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from pycocotools.coco import COCO
@@ -19,6 +19,7 @@ from torchvision.datasets import CocoDetection as TorchvisionCocoDetection
 from torchvision.datasets import VisionDataset
 
 from datasets.coco_names import COCO_CATEGORIES, COCO_CATEGORY_IDS, COCO_NAMES
+from datasets.images import MAX_PIXELS, DatasetError, decode_image
 from datasets.transforms import Preprocess
 
 log = logging.getLogger(__name__)
@@ -31,8 +32,68 @@ REQUIRED_KEYS = {"images": ("id", "file_name", "width", "height"),
 Sample = tuple[torch.Tensor, torch.Tensor, dict[str, Any]]
 
 
-class DatasetError(ValueError):
-    """An annotation file or image that cannot be used; the message names the file and the problem."""
+NUMBER_TYPES = (int, float)  # what json.loads gives for numbers; `type(v) in` leaves out bool, a subclass of int
+LARGEST_FLOAT = 2**1023  # an int from the file beyond this does not become a finite float
+
+
+def _check_entries(path: Path, data: dict) -> None:
+    """Each section a list of objects with its REQUIRED_KEYS and an integer id, unique within the section."""
+    for section, keys in REQUIRED_KEYS.items():
+        entries = data.get(section)
+        if type(entries) is not list:
+            raise DatasetError(f"{path}: missing or not a list: key {section!r}")
+        needed = set(keys)
+        for i, entry in enumerate(entries):
+            if type(entry) is not dict:
+                raise DatasetError(f"{path}: {section}[{i}] is not an object: {reprlib.repr(entry)}")
+            if not entry.keys() >= needed:
+                missing = next(k for k in keys if k not in entry)
+                raise DatasetError(f"{path}: {section}[{i}] (id {entry.get('id', '?')!r}) lacks key {missing!r}; "
+                                   f"every entry of {section!r} needs {keys}")
+            if type(entry["id"]) is not int:
+                raise DatasetError(f"{path}: {section}[{i}] has id {entry['id']!r}; ids must be integers")
+        ids = Counter(entry["id"] for entry in entries)
+        if len(ids) < len(entries):
+            raise DatasetError(f"{path}: duplicate {section} id(s) {[i for i, n in ids.items() if n > 1][:5]}")
+
+
+def _check_images(path: Path, images: list[dict]) -> None:
+    """A relative file_name inside the image folder, and a positive, finite size of at most MAX_PIXELS."""
+    for entry in images:
+        name, width, height = entry["file_name"], entry["width"], entry["height"]
+        if type(name) is not str or not name or "\0" in name:
+            raise DatasetError(f"{path}: image id {entry['id']}: file_name={name!r}, expected a non-empty string "
+                               "without NUL characters")
+        if name.startswith("/") or ".." in name.split("/"):
+            raise DatasetError(f"{path}: image id {entry['id']} file_name {name!r} leads outside the image folder; "
+                               "file names must be relative paths inside it")
+        if not (type(width) in NUMBER_TYPES and type(height) in NUMBER_TYPES and 0 < width < LARGEST_FLOAT
+                and 0 < height < LARGEST_FLOAT):  # NaN fails every comparison
+            raise DatasetError(f"{path}: image id {entry['id']}: width={width!r} height={height!r}, expected positive "
+                               "numbers")
+        if width * height > MAX_PIXELS:
+            raise DatasetError(f"{path}: image id {entry['id']}: {width}x{height} pixels, more than the "
+                               f"{MAX_PIXELS:,} this loader accepts (datasets/images.py MAX_PIXELS)")
+
+
+def _check_annotations(path: Path, annotations: list[dict]) -> None:
+    """Integer image_id and category_id; bbox 4 numbers (NaN and infinity allowed here: image_boxes drops and counts
+    them); iscrowd 0 or 1 and area a number (COCO's evaluation reads both)."""
+    for entry in annotations:
+        bbox, crowd, area = entry["bbox"], entry.get("iscrowd", 0), entry.get("area", 0)
+        for key in ("image_id", "category_id"):
+            if type(entry[key]) is not int:
+                raise DatasetError(f"{path}: annotation id {entry['id']}: {key}={entry[key]!r}, expected an integer")
+        if type(bbox) is not list or len(bbox) != 4 or not all(type(v) in NUMBER_TYPES for v in bbox):
+            raise DatasetError(f"{path}: annotation id {entry['id']}: bbox must be 4 numbers [x, y, w, h], got "
+                               f"{reprlib.repr(bbox)}")
+        if not all(type(v) is float or -LARGEST_FLOAT < v < LARGEST_FLOAT for v in bbox):
+            raise DatasetError(f"{path}: annotation id {entry['id']}: bbox {reprlib.repr(bbox)} holds a number too "
+                               "large for a float")
+        if crowd not in (0, 1) or type(crowd) is float:
+            raise DatasetError(f"{path}: annotation id {entry['id']}: iscrowd={crowd!r}, expected 0 or 1")
+        if type(area) not in NUMBER_TYPES:
+            raise DatasetError(f"{path}: annotation id {entry['id']}: area={area!r}, expected a number")
 
 
 def read_coco_json(path: Path) -> dict:
@@ -43,33 +104,28 @@ def read_coco_json(path: Path) -> dict:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DatasetError(f"{path}: not valid JSON: {e}") from e
+    except RecursionError as e:
+        raise DatasetError(f"{path}: not valid JSON: nested too deeply") from e
     if not isinstance(data, dict):
         raise DatasetError(f"{path}: the top level must be an object with {', '.join(REQUIRED_KEYS)}")
-    for section, keys in REQUIRED_KEYS.items():
-        if not isinstance(data.get(section), list):
-            raise DatasetError(f"{path}: missing or not a list: key {section!r}")
-        for i, entry in enumerate(data[section]):
-            if not isinstance(entry, dict):
-                raise DatasetError(f"{path}: {section}[{i}] is not an object: {entry!r}")
-            missing = [k for k in keys if k not in entry]
-            if missing:
-                raise DatasetError(f"{path}: {section}[{i}] (id {entry.get('id', '?')}) lacks key {missing[0]!r}; "
-                                   f"every entry of {section!r} needs {keys}")
-    for section in REQUIRED_KEYS:
-        ids = Counter(entry["id"] for entry in data[section])
-        duplicates = [i for i, n in ids.items() if n > 1]
-        if duplicates:
-            raise DatasetError(f"{path}: duplicate {section} id(s) {duplicates[:5]}")
-    for entry in data["images"]:
-        if not all(isinstance(entry[k], int | float) and entry[k] > 0 for k in ("width", "height")):
-            raise DatasetError(f"{path}: image id {entry['id']}: width={entry['width']!r} height={entry['height']!r},"
-                               " expected positive numbers")
-    for entry in data["annotations"]:
-        bbox = entry["bbox"]
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, int | float) for v in bbox)):
-            raise DatasetError(f"{path}: annotation id {entry['id']}: bbox must be 4 numbers [x, y, w, h], "
-                               f"got {bbox!r}")
+    _check_entries(path, data)
+    _check_images(path, data["images"])
+    _check_annotations(path, data["annotations"])
+    for entry in data["categories"]:
+        if type(entry["name"]) is not str:
+            raise DatasetError(f"{path}: category id {entry['id']}: name={entry['name']!r}, expected a string")
     return data
+
+
+def fill_evaluation_keys(data: dict) -> int:
+    """Give annotations without them COCO's `iscrowd` (0) and `area` (bbox w * h), which pycocotools' evaluation
+    reads (else it fails at the first evaluation); returns how many annotations lacked either."""
+    lacking = 0
+    for a in data["annotations"]:
+        lacking += "iscrowd" not in a or "area" not in a
+        a.setdefault("iscrowd", 0)
+        a.setdefault("area", float(a["bbox"][2]) * float(a["bbox"][3]))
+    return lacking
 
 
 def image_boxes(data: dict, path: Path, category_to_class: dict[int, int]
@@ -126,6 +182,8 @@ class CocoDetection(TorchvisionCocoDetection):
         VisionDataset.__init__(self, str(img_folder))
         self.ann_file = Path(ann_file)
         data = read_coco_json(self.ann_file)
+        if lacking := fill_evaluation_keys(data):
+            log.info("%s: %d annotation(s) without 'area' or 'iscrowd': using bbox w * h and 0", self.ann_file, lacking)
         self.coco = COCO()
         self.coco.dataset = data
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
@@ -156,22 +214,8 @@ class CocoDetection(TorchvisionCocoDetection):
 
     def _load_image(self, id: int) -> np.ndarray:  # noqa: A002 (torchvision's signature)
         """Decode an image to (H, W, 3) uint8 RGB in the pixel frame its annotations use."""
-        info, path = self.coco.imgs[id], self.image_path(id)
-        # IMREAD_COLOR_RGB gives 3 channels, 8 bits, RGB (no separate BGR->RGB pass) from greyscale, RGBA, CMYK and
-        # 16-bit files alike.
-        image = cv2.imread(str(path), cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION)
-        if image is None:
-            if not path.is_file():
-                raise FileNotFoundError(f"image not found: {path} (image id {id} in {self.ann_file})")
-            raise DatasetError(f"{path}: cannot be decoded as an image (image id {id} in {self.ann_file})")
-        expected = (info["height"], info["width"])
-        if image.shape[:2] != expected and image.shape[1::-1] == expected:
-            # annotated as displayed: apply the EXIF orientation, which swaps the sides
-            image = cv2.imread(str(path), cv2.IMREAD_COLOR_RGB)
-        if image.shape[:2] != expected:
-            raise DatasetError(f"{path}: decoded size {image.shape[1]}x{image.shape[0]} differs from the annotation's "
-                               f"{info['width']}x{info['height']} (image id {id} in {self.ann_file})")
-        return image
+        info = self.coco.imgs[id]
+        return decode_image(self.image_path(id), info["width"], info["height"], f"image id {id} in {self.ann_file}")
 
     def _load_target(self, id: int) -> tuple[np.ndarray, np.ndarray]:  # noqa: A002
         """(K, 4) xyxy boxes in original pixels and (K,) contiguous classes, crowd and degenerate boxes removed."""

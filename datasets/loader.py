@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import re
 from collections.abc import Iterator, Sequence, Sized
+from typing import Any
 
 import cv2
 import numpy as np
@@ -125,4 +127,46 @@ def build_loader(cfg: Config, dataset: CocoDetection, train: bool, batch_size: i
         cv2.setNumThreads(1)
     return DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
                       pin_memory=device is not None and device.type == "cuda", worker_init_fn=seed_worker,
-                      generator=generator, persistent_workers=workers > 0)
+                      generator=generator, persistent_workers=workers > 0,
+                      timeout=cfg.data.timeout if workers > 0 else 0)  # a hung worker is an error, not a stall
+
+
+class LoaderError(RuntimeError):
+    """The DataLoader delivered no batch: an unreadable image, a worker that died or hung. The message says what to
+    check."""
+
+
+def _worker_message(error: Exception) -> str:
+    """The message an exception had inside a DataLoader worker: torch re-raises it in the main process as
+    "Caught X in DataLoader worker process N. Original Traceback ... X: <message>"."""
+    text = str(error)
+    start, where = text.rfind(f"{type(error).__name__}: "), re.search(r"in DataLoader worker process \d+", text)
+    if not text.startswith("Caught ") or start < 0 or where is None:
+        return text
+    return f"{text[start + len(type(error).__name__) + 2:].strip()} ({where[0]})"
+
+
+def checked_batches(loader: DataLoader) -> Iterator[Any]:
+    """Iterate `loader`; its failures become LoaderError with a message that names the cause and what to change.
+
+    A bad image (data.skip_bad_images false) names its file; a dead worker (pid, signal) points at memory; a worker
+    silent for data.timeout seconds (the DataLoader's timeout) points at the image folder's storage.
+    """
+    try:
+        yield from loader
+    except (DatasetError, FileNotFoundError) as e:
+        raise LoaderError(f"{_worker_message(e)}. Fix or remove that image, or set data.skip_bad_images=true to skip "
+                          "unreadable images with a warning") from e
+    except RuntimeError as e:
+        text = str(e)
+        if text.startswith("DataLoader timed out after"):
+            raise LoaderError(
+                f"no batch from the {loader.num_workers} DataLoader worker(s) in {loader.timeout:g} s (data.timeout): "
+                f"a worker hangs or is very slow. Check that {loader.dataset.root} is reachable (a stalled network "
+                "disk?), run with data.workers=0 to see where it stops, or raise data.timeout") from e
+        if "DataLoader worker (pid" in text:
+            raise LoaderError(
+                f"{text.strip().rstrip('.')}. A DataLoader worker process died: most often the out-of-memory killer "
+                "(see `dmesg`) or a crash in a native library. Lower data.workers or train.batch_size, or run with "
+                "data.workers=0 to see the error in the main process") from e
+        raise

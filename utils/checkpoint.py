@@ -5,7 +5,7 @@ import dataclasses
 import os
 import pickle
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -17,13 +17,61 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the file and why."""
 
 
+class _RecordingFile:
+    """The file torch.save writes through, remembering the OSError of a failed write: torch replaces it with a
+    RuntimeError that says only "unexpected pos", and the user needs to read "No space left on device"."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.file, self.error = file, None
+
+    def write(self, data: bytes) -> int:
+        """Write to the file; an OSError is kept in self.error and raised."""
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        """Flush the file."""
+        self.file.flush()
+
+
+def _write_and_sync(state: dict[str, Any], tmp: Path) -> None:
+    """torch.save `state` into `tmp` and force it to the disk; a failed write raises its OSError."""
+    with open(tmp, "wb") as file:
+        out = _RecordingFile(file)
+        try:
+            torch.save(state, out)
+        except RuntimeError as e:
+            if out.error is None:
+                raise
+            raise out.error from e
+        file.flush()
+        os.fsync(file.fileno())  # on the disk before the rename makes it the checkpoint (else a power cut can
+        # leave a renamed but empty file)
+
+
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
-    """torch.save `state` to `path` through a temporary file and a rename, so `path` is never half written."""
+    """torch.save `state` to `path` through a temporary file, fsync and a rename, so `path` is never half written.
+
+    A write that fails (disk full, no permission, file too large) leaves the previous `path` as it was, removes the
+    temporary file and raises CheckpointError naming the file and the system's reason.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        torch.save(state, tmp)
+        _write_and_sync(state, tmp)
         os.replace(tmp, path)
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # the rename itself is on the disk
+        finally:
+            os.close(directory)
+    except OSError as e:
+        kept = f"the previous {path.name} is unchanged" if path.is_file() else f"there was no earlier {path.name}"
+        raise CheckpointError(f"{path}: could not write the checkpoint: {e.strerror or e} ({kept}; no partial file "
+                              f"is left). Free space on that disk or make {path.parent} writable") from e
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -81,6 +82,11 @@ class _Origin:
 
 
 
+MAX_CLASSES = 10_000  # YOLO9000 detects 9418
+MAX_IMG_SIZE = 8192  # pixels; far beyond what fits in memory with any batch
+MAX_WORKERS = 256
+
+
 def _choices(names: Iterable[str]) -> str:
     return ", ".join(repr(n) for n in names)
 
@@ -106,6 +112,8 @@ class ModelConfig:
                         + (" (yolov3-tiny has its own fixed backbone)" if self.arch == "yolov3-tiny" else ""))
         if self.num_classes < 1:
             origin.fail("num_classes", self.num_classes, "must be at least 1")
+        if self.num_classes > MAX_CLASSES:
+            origin.fail("num_classes", self.num_classes, f"must be at most {MAX_CLASSES}")
         if self.anchors is not None:
             expected = len(DARKNET_ANCHORS[self.arch])
             if len(self.anchors) != expected:
@@ -115,8 +123,9 @@ class ModelConfig:
                 if len(pair) != 2 or min(pair) <= 0:
                     origin.fail("anchors", self.anchors, f"anchor {pair!r} is not two positive numbers [w, h]")
         if self.pretrained and self.pretrained_path is None and self.encoder == "darknet53":
-            origin.fail("pretrained_path", None, "pretrained darknet53 loads darknet53.conv.74 from this path; fetch "
-                        "it with models/weights/download_darknet_weights.sh and give its path")
+            origin.fail("pretrained_path", None, "model.pretrained is true, and pretrained darknet53 loads "
+                        "darknet53.conv.74 from this path; fetch it with models/weights/download_darknet_weights.sh "
+                        "and give its path (or set model.pretrained: false)")
         if self.pretrained and self.pretrained_path is not None and not Path(self.pretrained_path).is_file():
             origin.fail("pretrained_path", self.pretrained_path,
                         f"no such file {str(Path(self.pretrained_path).resolve())!r}; "
@@ -124,7 +133,9 @@ class ModelConfig:
 
 
 def _check_size(origin: _Origin, key: str, value: Any, size: int) -> None:
-    """Image sizes must be positive multiples of 32, the network's largest stride."""
+    """Image sizes must be positive multiples of 32, the network's largest stride, up to MAX_IMG_SIZE."""
+    if size > MAX_IMG_SIZE:
+        origin.fail(key, value, f"{size} is larger than the {MAX_IMG_SIZE} pixels this project accepts")
     if size <= 0 or size % 32:
         below = size // 32 * 32
         fix = "use 32" if below < 32 else f"use {below} or {below + 32}"
@@ -145,6 +156,7 @@ class DataConfig:
     multiscale: list[int] | None = field(default_factory=lambda: [320, 608])  # [min, max], step 32; None: img_size
     multiscale_every: int = 10  # batches between size changes
     workers: int = 4
+    timeout: float = 300.0  # seconds to wait for one batch from the workers before it is an error
     skip_bad_images: bool = False  # False: an unreadable image is an error; True: skipped with a warning
     min_box_size: float = 2.0  # pixels; boxes narrower/shorter after augmentation are removed
 
@@ -158,8 +170,10 @@ class DataConfig:
                 _check_size(origin, "multiscale", self.multiscale, size)
         if self.multiscale_every < 1:
             origin.fail("multiscale_every", self.multiscale_every, "must be at least 1")
-        if self.workers < 0:
-            origin.fail("workers", self.workers, "must be 0 (load in the main process) or more")
+        if not 0 <= self.workers <= MAX_WORKERS:
+            origin.fail("workers", self.workers, f"must be 0 (load in the main process) to {MAX_WORKERS}")
+        if self.timeout <= 0:
+            origin.fail("timeout", self.timeout, "must be a positive number of seconds")
         if self.min_box_size < 0:
             origin.fail("min_box_size", self.min_box_size, "must be >= 0 pixels")
 
@@ -196,12 +210,15 @@ class AugmentConfig:
     affine: dict[str, Any] = _augment(0.5, scale=[0.75, 1.25], translate_percent=[-0.1, 0.1])
 
     def check(self, origin: _Origin) -> None:
-        """Build each transform once so that a bad argument is reported now, naming its key."""
-        from datasets.transforms import make_augmentation  # albumentations is slow to import; only here
+        """Build and apply each transform once so that a bad argument is reported now, naming its key."""
+        from datasets.transforms import check_augmentation, make_augmentation  # slow to import: only here
 
+        defaults = dataclasses.asdict(AugmentConfig())
         for key, kwargs in dataclasses.asdict(self).items():
             try:
                 make_augmentation(key, kwargs)
+                if kwargs != defaults[key]:  # the defaults are known to work; applying costs up to 50 ms
+                    check_augmentation(key, kwargs)
             except ValueError as e:
                 origin.fail(key, kwargs, str(e))
 
@@ -235,12 +252,13 @@ class TrainConfig:
     ema_decay: float = 0.9999  # EMA decay, ramped up over the first steps (decay * (1 - exp(-step / 2000)))
     checkpoint_every: int = 1000  # steps between writes of last.pt (also written at exit)
     patience: int | None = None  # stop after this many evaluations without improvement; null: never
+    max_bad_steps: int = 20  # stop after this many consecutive non-finite (skipped) steps
     sync_bn: bool = False  # under DDP: synchronise BatchNorm statistics across processes
     seed: int = 0  # seeds weights, data order and augmentation
 
     def check(self, origin: _Origin) -> None:
         """Raise ConfigError for values training cannot use."""
-        for key in ("batch_size", "steps", "cosine_t0", "cosine_t_mult", "checkpoint_every"):
+        for key in ("batch_size", "steps", "cosine_t0", "cosine_t_mult", "checkpoint_every", "max_bad_steps"):
             if getattr(self, key) < 1:
                 origin.fail(key, getattr(self, key), "must be at least 1")
         if self.subdivisions < 1 or self.batch_size % self.subdivisions:
@@ -258,6 +276,11 @@ class TrainConfig:
             origin.fail("momentum", self.momentum, "must be in [0, 1)")
         if not 0 < self.ema_decay < 1:
             origin.fail("ema_decay", self.ema_decay, "must be in (0, 1)")
+        if any(scale <= 0 for scale in self.lr_scales) or not math.isfinite(self.lr * math.prod(self.lr_scales)):
+            origin.fail("lr_scales", self.lr_scales, f"must be positive, and train.lr ({self.lr}) times all of them "
+                        "a finite number")
+        if self.seed < 0:
+            origin.fail("seed", self.seed, "must be >= 0")
         if len(self.lr_steps) != len(self.lr_scales) or sorted(self.lr_steps) != self.lr_steps:
             origin.fail("lr_steps", self.lr_steps, f"must be increasing and as many as train.lr_scales "
                         f"({self.lr_scales})")
@@ -403,11 +426,27 @@ def _conform(value: Any, tp: Any) -> Any:
             raise _Mismatch
         return {k: _conform(v, args[1]) for k, v in value.items()}
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)  # YAML writes 1.0 as 1
+        try:
+            return float(value)  # YAML writes 1.0 as 1
+        except OverflowError:  # beyond 1.8e308: then reported as not finite
+            return math.inf if value > 0 else -math.inf
     # bool subclasses int, but true for an int setting is a mistake, not 1
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         raise _Mismatch
     return value
+
+
+def _out_of_range(value: Any) -> str | None:
+    """What no setting may hold, anywhere inside its value: nan or infinity, an integer beyond 64 bits (torch and
+    numpy take no more), a NUL character (no path can hold one). None when there is none."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{value} is not allowed; use a finite number"
+    if isinstance(value, int) and not -(2**63) <= value < 2**63:
+        return f"{value} does not fit in 64 bits"
+    if isinstance(value, str) and "\0" in value:
+        return "contains a NUL character"
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return next((problem for item in items if (problem := _out_of_range(item))), None)
 
 
 def _type_name(tp: Any) -> str:
@@ -434,6 +473,8 @@ def _build_section(cls: type, raw: dict, origin: _Origin) -> Any:
             values[key] = _conform(value, hints[key])
         except _Mismatch:
             origin.fail(key, value, f"expected {_type_name(hints[key])}")
+        if problem := _out_of_range(values[key]):
+            origin.fail(key, value, problem)
     section = cls(**values)
     section.check(origin)
     return section
@@ -470,7 +511,7 @@ def _apply_overrides(groups: dict[str, dict], overrides: Sequence[str]) -> froze
         try:
             value = _yaml_load(text)
         except yaml.YAMLError as e:
-            raise ConfigError(f"--set: {key}={text!r}: value is not valid YAML: {e}") from e
+            raise ConfigError(f"--set: {key}={text!r}: value is not valid YAML: {' '.join(str(e).split())}") from e
         name, _, sub = name.partition(".")
         if sub:  # group.key.sub=value sets one entry of a mapping-valued key, e.g. augment.affine.p=0
             base = groups.setdefault(group, {}).get(name, getattr(_SECTIONS[group](), name, {}))

@@ -17,7 +17,7 @@ class StepResult:
 
     losses: dict[str, float]  # total, xy, wh, obj, cls: per image, averaged over the micro-batches
     grad_norm: float  # before clipping (inf / nan when the step was skipped)
-    skipped: bool  # True when the gradients were not finite: the optimiser did not step
+    skipped: bool  # True when the loss or gradients were not finite: nothing changed (weights, BatchNorm statistics)
 
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -40,6 +40,7 @@ def train_step(model: nn.Module, loss_fn: YOLOLoss, micro_batches: list[tuple[to
     """
     device_type = micro_batches[0][0].device.type
     totals: dict[str, float] = {}
+    buffers = [b.clone() for b in model.buffers()]  # BatchNorm statistics, restored if the step is skipped
     for i, (images, targets) in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
@@ -55,6 +56,9 @@ def train_step(model: nn.Module, loss_fn: YOLOLoss, micro_batches: list[tuple[to
     max_norm = clip_grad_norm if clip_grad_norm is not None else math.inf
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
     skipped = not math.isfinite(grad_norm) or not math.isfinite(totals["total"])
+    if skipped:  # a NaN forward pass has put NaN into the running statistics that evaluation uses
+        for buffer, saved in zip(model.buffers(), buffers, strict=True):
+            buffer.copy_(saved)
     if skipped and not scaler.is_enabled():
         optimizer.zero_grad(set_to_none=True)  # fp32 / bf16: nothing would catch the non-finite gradients
     else:

@@ -16,6 +16,7 @@ from pycocotools.cocoeval import COCOeval
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from datasets.loader import checked_batches
 from utils.config import EvalConfig
 from utils.postprocess import postprocess, to_original_pixels
 
@@ -60,7 +61,8 @@ def predict(model: torch.nn.Module, loader: DataLoader, eval_cfg: EvalConfig, de
     rows = [np.zeros((0, 7))]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     start = time.perf_counter()
-    for images, _, metas in tqdm(loader, desc="evaluating", unit="batch", disable=not progress, leave=False):
+    for images, _, metas in tqdm(checked_batches(loader), total=len(loader), desc="evaluating", unit="batch",
+                                 disable=not progress, leave=False):
         seconds["data"] += time.perf_counter() - start
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.float16, enabled=amp and device.type == "cuda"):

@@ -6,6 +6,7 @@ throughput on one 3x3 convolution, 256 -> 512 channels at 52x52 (YOLOv3's most c
 from __future__ import annotations
 
 import functools
+import json
 import os
 import platform
 import statistics
@@ -98,3 +99,10 @@ def conv_ceiling(device: torch.device, repeats: int = 10, batch: int = 1, dtype:
         if not best or statistics.median(rates) > statistics.median(best):
             best = rates
     return best
+
+
+def emit(lines: list[str], figures: dict[str, float], json_path: str | None) -> None:
+    """Print a script's markdown lines; with --json, also write its headline figures there for bench/run.py."""
+    print("\n".join(lines))
+    if json_path:
+        Path(json_path).write_text(json.dumps(figures))

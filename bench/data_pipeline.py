@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import sys
 import time
@@ -25,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import machine, spread  # noqa: E402
+from bench.common import emit, machine, spread  # noqa: E402
 from datasets.coco import collate  # noqa: E402
 from datasets.loader import build_dataset, build_loader  # noqa: E402
 from datasets.transforms import pad_to_square, resize_to_fit  # noqa: E402
@@ -131,9 +130,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write the headline figures to this JSON file")
     args = parser.parse_args()
     lines, figures = run(args.root, args.size, args.repeats, args.workers)
-    print("\n".join(lines))
-    if args.json:
-        Path(args.json).write_text(json.dumps(figures))
+    emit(lines, figures, args.json)
 
 
 if __name__ == "__main__":

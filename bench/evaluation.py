@@ -13,7 +13,6 @@ Then the worst case's detections are scored by pycocotools and by faster-coco-ev
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -23,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import machine  # noqa: E402
+from bench.common import emit, machine  # noqa: E402
 from datasets.loader import build_dataset, build_loader  # noqa: E402
 from models import build_model  # noqa: E402
 from models.yolo import HeadOutput  # noqa: E402
@@ -80,9 +79,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write the headline figures to this JSON file")
     args = parser.parse_args()
     lines, figures = run(args.root, args.size, args.arch, args.batch)
-    print("\n".join(lines))
-    if args.json:
-        Path(args.json).write_text(json.dumps(figures))
+    emit(lines, figures, args.json)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import bf16_supported, conv_ceiling, machine, spread, time_runs  # noqa: E402
+from bench.common import bf16_supported, conv_ceiling, emit, machine, spread, time_runs  # noqa: E402
 from models import build_model  # noqa: E402
 from models.yolo import YOLO  # noqa: E402
 from utils.config import EvalConfig, LossConfig  # noqa: E402
@@ -217,9 +216,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write the headline figures to this JSON file")
     args = parser.parse_args()
     lines, figures = run(torch.device(args.device), args.size, args.repeats, args.quick)
-    print("\n".join(lines))
-    if args.json:
-        Path(args.json).write_text(json.dumps(figures))
+    emit(lines, figures, args.json)
 
 
 if __name__ == "__main__":

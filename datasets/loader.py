@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 import random
 import re
+import signal
+import threading
 from collections.abc import Iterator, Sequence, Sized
 from typing import Any
 
@@ -74,12 +78,41 @@ class ShardSampler(Sampler[int]):
         return len(range(self.rank, len(self.dataset), self.world))
 
 
-def seed_worker(worker_id: int) -> None:
-    """Worker start: distinct, reproducible seeds for numpy and random (augmentation is seeded per sample)."""
+def seed_worker(worker_id: int, trainer: int | None = None) -> None:
+    """Worker start: distinct, reproducible seeds for numpy and random (augmentation is seeded per sample), and,
+    given the `trainer` process id, SIGTERM from anyone but the trainer ignored (see `ignore_foreign_sigterm`)."""
     info = torch.utils.data.get_worker_info()
     seed = info.seed % 2**32  # torch derives it from the DataLoader generator (train.seed) and the worker id
     random.seed(seed)
     np.random.seed(seed)
+    if trainer is not None:
+        ignore_foreign_sigterm(trainer)
+
+
+def ignore_foreign_sigterm(trainer: int) -> None:
+    """In a DataLoader worker: die of SIGTERM only when the `trainer` process sends it; ignore it from anyone else.
+
+    `timeout`, `kill -- -PGID` and SLURM's job cancel send SIGTERM to every process of the job at once. Workers
+    that died of it would make the trainer fail on its next batch ("DataLoader worker ... killed by signal"),
+    before its own SIGTERM handler has finished the step and written last.pt. The trainer still stops its workers
+    with SIGTERM (multiprocessing's terminate() at exit), so the signal is not simply ignored: it is blocked, and
+    a thread reads each one with its sender and ends the worker only when the sender is the trainer. A worker whose
+    trainer dies exits by itself (torch's worker watchdog). No-op where sigwaitinfo does not exist (macOS).
+    """
+    if not hasattr(signal, "sigwaitinfo"):
+        return
+    # a forked worker inherits the trainer's Python SIGTERM handler (main.py's): the default action is wanted here
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started from here on inherit the mask
+
+    def wait() -> None:
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != trainer:
+            pass
+        # the trainer's terminate(): die of SIGTERM (default action) from this thread, which stops blocking it
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=wait, name="sigterm-filter", daemon=True).start()
 
 
 def build_dataset(cfg: Config, split: str) -> CocoDetection:
@@ -125,8 +158,9 @@ def build_loader(cfg: Config, dataset: CocoDetection, train: bool, batch_size: i
         # Parallelism comes from the workers. OpenCV's thread pool must be shut down before they fork: a forked
         # child that touches the inherited pool hangs (seen in cv2.setNumThreads inside a worker).
         cv2.setNumThreads(1)
+    init = functools.partial(seed_worker, trainer=os.getpid())  # built here: this process is the trainer
     return DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
-                      pin_memory=device is not None and device.type == "cuda", worker_init_fn=seed_worker,
+                      pin_memory=device is not None and device.type == "cuda", worker_init_fn=init,
                       generator=generator, persistent_workers=workers > 0,
                       timeout=cfg.data.timeout if workers > 0 else 0)  # a hung worker is an error, not a stall
 

@@ -1,10 +1,16 @@
-"""DataLoader assembly: multi-scale batches, collate layout, reproducible seeded workers."""
+"""DataLoader assembly: multi-scale batches, collate layout, reproducible seeded workers, SIGTERM filter."""
+import multiprocessing
+import os
+import signal
+import subprocess
+import time
+
 import pytest
 import torch
 from conftest import DATA
 from torch.utils.data import RandomSampler, SequentialSampler
 
-from datasets.loader import MultiScaleBatchSampler, build_dataset, build_loader, train_sizes
+from datasets.loader import MultiScaleBatchSampler, build_dataset, build_loader, ignore_foreign_sigterm, train_sizes
 from datasets.shapes import generate_shapes
 from utils.config import load_config
 
@@ -118,3 +124,24 @@ def test_val_loader_is_letterbox_only_in_order(shapes_root):
     metas = [m for _, _, batch_metas in loader for m in batch_metas]
     assert [m["image_id"] for m in metas] == dataset.ids  # every image once, in order, last batch kept
     assert next(iter(loader))[0].shape[-2:] == (96, 96)
+
+
+def _filtered_worker(trainer: int, ready) -> None:  # noqa: ANN001
+    ignore_foreign_sigterm(trainer)
+    ready.set()
+    time.sleep(60)
+
+
+def test_workers_die_of_sigterm_only_from_the_trainer():
+    context = multiprocessing.get_context("fork")
+    ready = context.Event()
+    worker = context.Process(target=_filtered_worker, args=(os.getpid(), ready), daemon=True)
+    worker.start()
+    assert ready.wait(10)
+    # from another process (a shell's `kill`, `timeout`, SLURM): ignored
+    subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)
+    worker.join(1.0)
+    assert worker.is_alive()
+    worker.terminate()  # from the trainer (multiprocessing's terminate at exit): dies of it
+    worker.join(10)
+    assert worker.exitcode == -signal.SIGTERM

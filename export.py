@@ -40,7 +40,7 @@ from utils.export import (
     load_torchscript,
     prediction_diffs,
 )
-from utils.inference import letterbox_batch
+from utils.inference import letterbox_batch, unit_float
 from utils.postprocess import postprocess
 
 FORMATS = ("onnx", "torchscript")
@@ -79,11 +79,11 @@ def check_image(path: Path | None, cfg: Config) -> np.ndarray:
 
 
 def check_inputs(image: np.ndarray, size: int) -> dict[str, torch.Tensor]:
-    """Name -> (B, 3, S, S) input: the image letterboxed as a batch of 1, of 3 (with its mirror images), and as a
-    batch of 1 at size + 32."""
-    x, _ = letterbox_batch([image], size)
+    """Name -> (B, 3, S, S) float input in [0, 1] (what the exported graphs take): the image letterboxed as a batch
+    of 1, of 3 (with its mirror images), and as a batch of 1 at size + 32."""
+    x = unit_float(letterbox_batch([image], size)[0])
     return {f"batch 1 at {size}": x, f"batch 3 at {size}": torch.cat([x, x.flip(-1), x.flip(-2)]),
-            f"batch 1 at {size + 32}": letterbox_batch([image], size + 32)[0]}
+            f"batch 1 at {size + 32}": unit_float(letterbox_batch([image], size + 32)[0])}
 
 
 def compare(name: str, run: Callable[[torch.Tensor], torch.Tensor], inputs: dict[str, torch.Tensor],

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import emit, machine, spread  # noqa: E402
 from datasets.coco import collate  # noqa: E402
 from datasets.loader import build_dataset, build_loader  # noqa: E402
-from datasets.transforms import pad_to_square, resize_to_fit  # noqa: E402
+from datasets.transforms import pad_to_square, resize_to_fit, to_chw_tensor  # noqa: E402
 from utils.config import load_config  # noqa: E402
 
 
@@ -69,9 +69,8 @@ def stages(dataset, size: int, repeats: int, batch: int = 16) -> dict[str, float
             image, _, _ = pad_to_square(image, size)
             totals["letterbox pad"] += time.perf_counter() - t
             t = time.perf_counter()
-            tensor = torch.from_numpy(image).permute(2, 0, 1).to(torch.float32, memory_format=torch.contiguous_format)
-            tensor.div_(255)
-            totals["to tensor (float, /255)"] += time.perf_counter() - t
+            tensor = to_chw_tensor(image)
+            totals["to tensor (uint8, CHW)"] += time.perf_counter() - t
             samples.append((tensor, torch.zeros(len(boxes), 5), {}))
             if len(samples) == batch:
                 t = time.perf_counter()

@@ -242,13 +242,13 @@ class CocoDetection(TorchvisionCocoDetection):
 
 
 def collate(batch: list[Sample | None]) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, Any]]]:
-    """Samples -> images (B, 3, S, S), targets (K, 6) [batch_index, class, cx, cy, w, h], metas (B dicts).
+    """Samples -> images (B, 3, S, S) uint8, targets (K, 6) [batch_index, class, cx, cy, w, h], metas (B dicts).
 
     Skipped samples (None) are left out, so B can be smaller than the batch asked for (0 when all were skipped).
     """
     batch = [b for b in batch if b is not None]
     if not batch:
-        return torch.zeros(0, 3, 0, 0), torch.zeros(0, 6), []
+        return torch.zeros(0, 3, 0, 0, dtype=torch.uint8), torch.zeros(0, 6), []
     images = torch.stack([b[0] for b in batch])
     targets = torch.cat([torch.nn.functional.pad(b[1], (1, 0), value=float(i)) for i, b in enumerate(batch)])
     return images, targets, [b[2] for b in batch]

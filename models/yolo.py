@@ -102,11 +102,13 @@ class YOLO(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor] | torch.Tensor:
-        """(B, 3, H, W) RGB in [0, 1] -> train: [(B, A, H/s, W/s, 5+C) raw] per head (permuted views of the conv
-        outputs: not contiguous); eval: (B, N, 5+C) decoded."""
+        """(B, 3, H, W) RGB, uint8 0..255 (as the datasets give it) or float in [0, 1] -> train: [(B, A, H/s, W/s,
+        5+C) raw] per head (permuted views of the conv outputs: not contiguous); eval: (B, N, 5+C) decoded."""
         if not torch.jit.is_tracing() and (x.shape[-1] % self.strides[0] or x.shape[-2] % self.strides[0]):
             raise ValueError(f"input size {tuple(x.shape[-2:])} (H, W): both sides must be multiples of "
                              f"{self.strides[0]}")
+        if x.dtype == torch.uint8:  # converted here, on the model's device: 4x fewer bytes from the loader to it
+            x = x.to(self.anchors.dtype).div_(255)  # the model's float type (fp16 after .half(), as its buffers)
         maps = self.head_maps(self.normalize(x))
         raw = []
         for m, mask in zip(maps, self.masks, strict=True):

@@ -13,7 +13,7 @@ from models import build_model
 from models.yolo import HeadOutput
 from utils.checkpoint import save_checkpoint
 from utils.config import config_to_dict, load_config
-from utils.inference import letterbox_batch
+from utils.inference import letterbox_batch, unit_float
 from utils.postprocess import postprocess
 
 ROOT = DATA.parent.parent
@@ -35,7 +35,7 @@ def random_model(arch, encoder, tmp_path, suffix):
         # Rescale the head output channels so that what is compared depends on the image as a trained model's
         # output does: logits of x, y, objectness and classes with std 1 on an image; w, h logits damped to boxes of
         # about half the input side (not the anchors' up to 373 px, where a float32 step is 3e-5 px).
-        x = letterbox_batch([read_image(IMAGE)], SIZE)[0]
+        x = unit_float(letterbox_batch([read_image(IMAGE)], SIZE)[0])
         maps = model.eval().head_maps(model.normalize(torch.cat([x, torch.rand_like(x)])))
         heads = [m for m in model.modules() if isinstance(m, HeadOutput)]  # stride 32 first, as model.masks
         for out, mask, raw in zip(heads, model.masks, maps, strict=True):
@@ -83,7 +83,7 @@ def test_onnx_and_torchscript_match_pytorch(tmp_path, capsys, arch, encoder, suf
     session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].shape == ["batch", 3, "height", "width"]
     scripted = torch.jit.load(str(tmp_path / "model.torchscript"))
-    x = letterbox_batch([read_image(IMAGE)], SIZE)[0]
+    x = unit_float(letterbox_batch([read_image(IMAGE)], SIZE)[0])
     batch = torch.cat([x, x.flip(-1), torch.rand_like(x)])
     with torch.no_grad():
         reference, scripted_out = model(batch), scripted(x)
@@ -115,7 +115,7 @@ def test_nms_graph_gives_postprocess_detections(tmp_path, capsys):
 
     session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
     assert [o.name for o in session.get_outputs()] == ["detections"]
-    x = letterbox_batch([read_image(IMAGE)], SIZE)[0]
+    x = unit_float(letterbox_batch([read_image(IMAGE)], SIZE)[0])
     batch = torch.cat([x, torch.rand_like(x)])
     exported = torch.from_numpy(session.run(None, {"images": batch.numpy()})[0])
     with torch.no_grad():

@@ -79,6 +79,21 @@ def test_batch_of_one_and_five_agree():
         assert torch.allclose(model(x)[3:4], model(x[3:4]), atol=1e-5)
 
 
+@pytest.mark.parametrize("encoder", ["darknet53", "mobilenet_v3_small"])  # no input normalisation / ImageNet's
+def test_uint8_input_is_the_float_input_divided_by_255(encoder):
+    torch.manual_seed(0)
+    model = build_model("yolov3", encoder, num_classes=2)
+    image = torch.randint(0, 256, (2, 3, 64, 96), dtype=torch.uint8)
+    unit = image.float() / 255
+    for mode in (model.train(), model.eval()):
+        with torch.no_grad():
+            expected, got = mode(unit), mode(image)
+        for e, g in zip(expected if isinstance(expected, list) else [expected], got if isinstance(got, list) else [got],
+                        strict=True):
+            assert torch.equal(e, g)  # the same float32 division, bit for bit
+    assert image.dtype == torch.uint8  # the caller's batch is left alone
+
+
 def test_input_not_multiple_of_32_is_refused():
     model = build_model("yolov3-tiny", num_classes=2)
     with pytest.raises(ValueError, match=r"\(64, 80\).*multiples of 32"):

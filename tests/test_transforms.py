@@ -3,7 +3,15 @@ import numpy as np
 import pytest
 import torch
 
-from datasets.transforms import AUGMENTATIONS, PAD_VALUE, Preprocess, build_augmentation, pad_to_square, resize_to_fit
+from datasets.transforms import (
+    AUGMENTATIONS,
+    PAD_VALUE,
+    Preprocess,
+    build_augmentation,
+    pad_to_square,
+    resize_to_fit,
+    to_chw_tensor,
+)
 from utils.config import AugmentConfig, config_to_dict
 
 GEOMETRIC = {"horizontal_flip": {"p": 1.0},
@@ -25,7 +33,7 @@ def square_image():
 
 
 def white_extent(image):
-    mask = image.mean(0) > 0.7  # (3, H, W) float -> white pixels
+    mask = image.float().mean(0) > 0.7 * 255  # (3, H, W) uint8 -> white pixels
     ys, xs = np.nonzero(mask.numpy())
     return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32)
 
@@ -47,7 +55,7 @@ def test_letterbox_by_hand():
     # 160 x 120 -> scale 2 -> 320 x 240, padded 40 top and bottom; the box doubles and moves down 40
     assert (lb.scale_x, lb.scale_y, lb.pad_left, lb.pad_top) == (2.0, 2.0, 0, 40)
     assert torch.allclose(targets, torch.tensor([[1.0, 100.0, 170.0, 80.0, 60.0]]))
-    assert torch.allclose(tensor[:, :40], torch.tensor(PAD_VALUE / 255))
+    assert (tensor[:, :40] == PAD_VALUE).all() and (tensor[:, 40] != PAD_VALUE).all()
     assert np.allclose(white_extent(tensor), [60, 140, 140, 200], atol=1)
     assert np.allclose(lb.to_original(torch.tensor([[60.0, 140.0, 140.0, 200.0]])), boxes)
 
@@ -110,8 +118,7 @@ def test_all_default_augmentations_run_and_keep_valid_boxes():
     preprocess = Preprocess(build_augmentation(augment, min_box_size=2, seed=0))
     for _ in range(20):
         tensor, targets, _ = preprocess(image, boxes, classes, 128)
-        assert tensor.shape == (3, 128, 128) and tensor.dtype == torch.float32
-        assert 0 <= tensor.min() and tensor.max() <= 1
+        assert tensor.shape == (3, 128, 128) and tensor.dtype == torch.uint8 and tensor.is_contiguous()
         if len(targets):
             x1y1 = targets[:, 1:3] - targets[:, 3:] / 2
             x2y2 = targets[:, 1:3] + targets[:, 3:] / 2
@@ -124,3 +131,13 @@ def test_sub_pixel_box_is_dropped_not_an_error():
     preprocess = Preprocess(build_augmentation(only("horizontal_flip", {"p": 1.0}), min_box_size=2, seed=0))
     _, targets, _ = preprocess(image, boxes, np.array([0, 1]), 100)
     assert targets[:, 0].tolist() == [1.0]
+
+
+def test_to_chw_tensor_is_the_permuted_image():
+    image = np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    for view in (image, image[:, ::-1], image[5:30, 7:40]):  # contiguous, negative strides, a crop
+        tensor = to_chw_tensor(view)
+        assert tensor.shape == (3, *view.shape[:2]) and tensor.is_contiguous()
+        assert torch.equal(tensor, torch.from_numpy(view.copy()).permute(2, 0, 1))
+    with pytest.raises(ValueError, match=r"\(H, W, 3\) uint8"):
+        to_chw_tensor(image.astype(np.float32))

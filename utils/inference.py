@@ -23,7 +23,7 @@ NO_BOXES, NO_CLASSES = np.zeros((0, 4), np.float32), np.zeros(0, np.int64)
 
 
 def letterbox_batch(images: Sequence[np.ndarray], size: int) -> tuple[torch.Tensor, list[dict[str, Any]]]:
-    """(H_i, W_i, 3) uint8 RGB images -> (B, 3, size, size) float in [0, 1] and one meta per image
+    """(H_i, W_i, 3) uint8 RGB images -> (B, 3, size, size) uint8 and one meta per image
     {orig_size (h, w), letterbox}, as the dataset gives for evaluation."""
     tensors, metas = [], []
     for image in images:
@@ -33,14 +33,18 @@ def letterbox_batch(images: Sequence[np.ndarray], size: int) -> tuple[torch.Tens
     return torch.stack(tensors), metas
 
 
+def unit_float(batch: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) uint8 -> float32 in [0, 1]: the input that exported graphs take (our models take either)."""
+    return batch.float().div_(255)
+
+
 @torch.inference_mode()
 def detect(model: torch.nn.Module, images: Sequence[np.ndarray], size: int, eval_cfg: EvalConfig,
            conf_threshold: float, device: torch.device) -> torch.Tensor:
     """Images (H_i, W_i, 3) uint8 RGB -> detections (M, 7) [image_index, x1, y1, x2, y2, score, class] in each
     image's original pixels, on the CPU. The model runs in its own dtype (fp16 after model.half())."""
     batch, metas = letterbox_batch(images, size)
-    dtype = next(model.parameters()).dtype
-    pred = model(batch.to(device, dtype, non_blocking=True)).float()  # (B, N, 5+C)
+    pred = model(batch.to(device, non_blocking=True)).float()  # (B, N, 5+C); the model converts the uint8 batch
     detections = postprocess(pred, conf_threshold, eval_cfg.nms_iou, eval_cfg.max_det, eval_cfg.max_candidates,
                              eval_cfg.multi_label)
     return to_original_pixels(detections.cpu(), metas)

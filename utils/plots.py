@@ -19,8 +19,10 @@ def class_color(class_index: int) -> tuple[int, int, int]:
 
 
 def tensor_to_image(image: torch.Tensor) -> np.ndarray:
-    """(3, H, W) float in [0, 1] -> (H, W, 3) uint8 RGB."""
-    return (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy().copy()
+    """(3, H, W) uint8, or float in [0, 1] -> (H, W, 3) uint8 RGB."""
+    if image.dtype != torch.uint8:
+        image = (image.clamp(0, 1) * 255).round().byte()
+    return image.permute(1, 2, 0).cpu().numpy().copy()
 
 
 def draw_boxes(image: np.ndarray, boxes_xyxy: np.ndarray, classes: np.ndarray, names: Sequence[str],

@@ -62,8 +62,9 @@ def add_inference_args(parser: argparse.ArgumentParser) -> None:
 
 
 def inference_setup(args: argparse.Namespace) -> tuple[YOLO, Config, torch.device]:
-    """Parsed add_inference_args options -> the fused eval-mode model on its device (fp16 with --half), the config
-    whose `model` section describes it, and the device; a bad option, config or weights file exits with one line."""
+    """Parsed add_inference_args options -> the fused eval-mode channels_last model on its device (fp16 with
+    --half), the config whose `model` section describes it, and the device; a bad option, config or weights file
+    exits with one line."""
     # the options are shorthands for config keys, so the config's checks and messages apply to them
     for key, value in (("data.img_size", args.img_size), ("detect.conf_threshold", args.conf)):
         if value is not None:
@@ -80,5 +81,5 @@ def inference_setup(args: argparse.Namespace) -> tuple[YOLO, Config, torch.devic
         model, cfg = load_model(args.weights, cfg)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from e
-    model = model.fuse().to(device)
+    model = model.fuse().to(device, memory_format=torch.channels_last)  # NHWC convs, as validation.py runs them
     return (model.half() if args.half else model), cfg, device

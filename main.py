@@ -158,7 +158,7 @@ def prediction_grid(dataset, rows: np.ndarray, count: int, min_score: float = 0.
     min_score (class colours)."""
     tiles = []
     for image_id in dataset.ids[:count]:
-        image = draw_true_boxes(dataset._load_image(image_id), dataset._load_target(image_id)[0])
+        image = draw_true_boxes(dataset._load_image(image_id), dataset.targets[image_id][0])
         mine = rows[(rows[:, 0] == image_id) & (rows[:, 5] >= min_score)]
         xyxy = np.concatenate([mine[:, 1:3], mine[:, 1:3] + mine[:, 3:5]], 1)
         classes = [dataset.category_to_class[int(c)] for c in mine[:, 6]]

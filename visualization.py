@@ -53,7 +53,7 @@ def dataset_images(cfg: Config, split: str, count: int, gt: bool) -> tuple[list[
     except (OSError, DatasetError) as e:
         raise SystemExit(f"error: {e}") from e
     if gt:
-        images = [draw_true_boxes(image, dataset._load_target(i)[0]) for image, i in zip(images, ids, strict=True)]
+        images = [draw_true_boxes(image, dataset.targets[i][0]) for image, i in zip(images, ids, strict=True)]
     names = [Path(dataset.coco.imgs[i]["file_name"]).stem for i in ids]
     return names, images, dataset.class_names
 

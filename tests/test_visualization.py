@@ -62,7 +62,7 @@ def test_ground_truth_in_white_on_dataset_images(tmp_path, capsys):
     dataset = build_dataset(load_config(ROOT / "args.yaml", [f"data.root={DATA / 'coco'}"]), "val")
     image_id = dataset.ids[0]
     name = dataset.coco.imgs[image_id]["file_name"].replace(".jpg", ".png")
-    x1, y1, x2, y2 = dataset._load_target(image_id)[0][0].round().astype(int)
+    x1, y1, x2, y2 = dataset.targets[image_id][0][0].round().astype(int)
     with_gt, without = read_rgb(tmp_path / "gt" / name), read_rgb(tmp_path / "plain" / name)
     middle = (y1 + y2) // 2
     for y, x in ((middle, x1), (middle, x2), (y1, (x1 + x2) // 2), (y2, (x1 + x2) // 2)):

@@ -86,19 +86,56 @@ def bf16_supported() -> bool:
 
 
 @torch.inference_mode()
-def conv_ceiling(device: torch.device, repeats: int = 10, batch: int = 1, dtype: torch.dtype = torch.float32
+def conv_ceiling(device: torch.device, repeats: int = 10, batch: int = 1, dtype: torch.dtype = torch.float32,
+                 formats: tuple[torch.memory_format, ...] = (torch.contiguous_format, torch.channels_last)
                  ) -> list[float]:
-    """GFLOP/s of one 3x3 conv 256 -> 512 at 52x52 (batch `batch`), best memory format, one figure per repeat."""
+    """GFLOP/s of one 3x3 conv 256 -> 512 at 52x52 (batch `batch`), best of `formats`, one figure per repeat."""
     cin, cout, side = CEILING_SHAPE
     flops = 2 * cin * cout * 9 * side * side * batch
     best: list[float] = []
-    for fmt in (torch.contiguous_format, torch.channels_last):
+    for fmt in formats:
         conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False).to(device, dtype).to(memory_format=fmt)
         x = torch.randn(batch, cin, side, side, device=device, dtype=dtype).contiguous(memory_format=fmt)
         rates = [flops / s / 1e9 for s in time_runs(functools.partial(conv, x), repeats, warmup=3, device=device)]
         if not best or statistics.median(rates) > statistics.median(best):
             best = rates
     return best
+
+
+class CeilingProbe:
+    """The conv ceiling measured again on demand, just before each timed call of a bench: ratios of paired
+    measurements survive the machine's speed drifting during a run (a shared cloud CPU drifts by 30% or more over
+    minutes, which a ceiling measured once at the start turns into false ratios)."""
+
+    def __init__(self, device: torch.device, runs: int = 3) -> None:
+        cin, cout, side = CEILING_SHAPE
+        self.gflop, self.runs, self.device = 2 * cin * cout * 9 * side * side / 1e9, runs, device
+        # the memory format conv_ceiling finds best, decided once
+        best = max((torch.contiguous_format, torch.channels_last), key=lambda fmt: statistics.median(
+            conv_ceiling(device, repeats=3, formats=(fmt,))))
+        self.conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False).to(device).to(memory_format=best)
+        self.x = torch.randn(1, cin, side, side, device=device).contiguous(memory_format=best)
+
+    @torch.inference_mode()
+    def __call__(self) -> float:
+        """GFLOP/s of the ceiling conv now (median of `runs` calls)."""
+        return self.gflop / statistics.median(time_runs(functools.partial(self.conv, self.x), self.runs, warmup=1,
+                                                        device=self.device))
+
+
+def time_paired(fn: Callable[[], object], repeats: int, probe: CeilingProbe, warmup: int = 1,
+                device: torch.device | None = None) -> tuple[list[float], list[float]]:
+    """time_runs(fn), and the ceiling (GFLOP/s) that `probe` measures just before each timed call."""
+    seconds, ceilings = [], []
+    for i in range(repeats):
+        ceilings.append(probe())
+        seconds += time_runs(fn, 1, warmup=warmup if i == 0 else 0, device=device)
+    return seconds, ceilings
+
+
+def paired_ratio(gflop: float, seconds: list[float], ceilings: list[float]) -> float:
+    """Median over the pairs of (gflop / seconds) / ceiling: the fraction of the ceiling reached."""
+    return statistics.median(gflop / s / c for s, c in zip(seconds, ceilings, strict=True))
 
 
 def emit(lines: list[str], figures: dict[str, float], json_path: str | None) -> None:

@@ -24,7 +24,16 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import bf16_supported, conv_ceiling, emit, machine, spread, time_runs  # noqa: E402
+from bench.common import (  # noqa: E402
+    CeilingProbe,
+    bf16_supported,
+    emit,
+    machine,
+    paired_ratio,
+    spread,
+    time_paired,
+    time_runs,
+)
 from models import build_model  # noqa: E402
 from models.yolo import YOLO  # noqa: E402
 from utils.config import EvalConfig, LossConfig  # noqa: E402
@@ -54,9 +63,10 @@ def prepared(arch: str, encoder: str, form: str, device: torch.device, num_class
     return model
 
 
-def forward_seconds(model: YOLO, size: int, batch: int, form: str, device: torch.device, repeats: int
-                    ) -> list[float]:
-    """Seconds per image of model(x) for a (batch, 3, size, size) input, in `form`, one figure per repeat."""
+def forward_seconds(model: YOLO, size: int, batch: int, form: str, device: torch.device, repeats: int,
+                    probe: CeilingProbe) -> tuple[list[float], list[float]]:
+    """Seconds per image of model(x) for a (batch, 3, size, size) input, in `form`, one figure per repeat, and the
+    ceiling measured just before each."""
     x = torch.rand(batch, 3, size, size, device=device)
     if "channels_last" in form:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -65,23 +75,24 @@ def forward_seconds(model: YOLO, size: int, batch: int, form: str, device: torch
     def run() -> torch.Tensor:
         with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=amp):
             return model(x)
-    return [s / batch for s in time_runs(run, repeats, warmup=1, device=device)]
+    seconds, ceilings = time_paired(run, repeats, probe, device=device)
+    return [s / batch for s in seconds], ceilings
 
 
-def train_seconds(size: int, batch: int, device: torch.device, repeats: int, amp: bool) -> list[float]:
-    """Seconds per optimiser step of YOLOv3 (train mode, Adam, batch `batch`, 20 boxes per image), one per repeat."""
+def train_seconds(size: int, batch: int, device: torch.device, repeats: int, amp: bool, probe: CeilingProbe
+                  ) -> tuple[list[float], list[float]]:
+    """Seconds per optimiser step of YOLOv3 (train mode, channels_last as main.py trains, Adam, batch `batch`, 20
+    boxes per image), one per repeat, and the ceiling measured just before each."""
     torch.manual_seed(0)
-    model = build_model("yolov3", "darknet53", 80).to(device).train()
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
+    model = build_model("yolov3", "darknet53", 80).to(device, memory_format=torch.channels_last).train()
     loss_fn = build_loss(model, LossConfig())
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
     images = torch.rand(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
     targets = random_targets(batch, 20, size, 80, device)
     dtype = torch.float16 if amp else None
-    return time_runs(lambda: train_step(model, loss_fn, [(images, targets)], optimizer, scaler, dtype, 10.0),
-                     repeats, warmup=1, device=device)
+    return time_paired(lambda: train_step(model, loss_fn, [(images, targets)], optimizer, scaler, dtype, 10.0),
+                       repeats, probe, device=device)
 
 
 def random_targets(batch: int, per_image: int, size: int, num_classes: int, device: torch.device) -> torch.Tensor:
@@ -138,16 +149,24 @@ def postprocess_seconds(pred: torch.Tensor, eval_cfg: EvalConfig, device: torch.
     return seconds, candidates
 
 
+def drift(ceilings: list[float]) -> str:
+    """The range of the ceilings measured during one figure's timed calls, GFLOP/s."""
+    return f"{min(ceilings):.0f}-{max(ceilings):.0f}"
+
+
 def run(device: torch.device, size: int, repeats: int, quick: bool) -> tuple[list[str], dict[str, float]]:
     """All the measurements of this script, as markdown lines and a dict of the headline figures."""
     lines = [f"Machine: {machine(device)}", ""]
-    ceiling = conv_ceiling(device, repeats=max(repeats, 5))
-    top = statistics.median(ceiling)
-    figures = {"ceiling_gflops": top}
-    lines += [f"Conv ceiling (3x3, 256 -> 512 at 52x52, fp32): **{spread(ceiling, '.1f')} GFLOP/s**", ""]
+    probe = CeilingProbe(device)
+    ceiling = [probe() for _ in range(max(repeats, 5))]
+    figures = {"ceiling_gflops": statistics.median(ceiling)}
+    lines += [f"Conv ceiling (3x3, 256 -> 512 at 52x52, fp32): **{spread(ceiling, '.1f')} GFLOP/s** at the start. "
+              "Every `/ ceiling` below is paired: the ceiling is measured again just before each timed call, and the "
+              "figure is the median of the per-call ratios, so a machine whose speed drifts during the run (shared "
+              "cloud CPUs) still gives true ratios; `drift` is the range of those ceilings.", ""]
 
     lines += [f"### Forward, fp32 unless named, {size}x{size}", "",
-              "| model | form | batch | ms / image | GFLOP/s | / ceiling |", "|---|---|---|---|---|---|"]
+              "| model | form | batch | ms / image | GFLOP/s | / ceiling | drift |", "|---|---|---|---|---|---|---|"]
     batches = (1, 32) if device.type == "cuda" else (1, 8)
     gflops = forward_gflops(prepared("yolov3", "darknet53", FORMS[1], device), size)
     for form in FORMS:
@@ -157,12 +176,12 @@ def run(device: torch.device, size: int, repeats: int, quick: bool) -> tuple[lis
             continue
         model = prepared("yolov3", "darknet53", form, device)
         for batch in batches if not quick else batches[:1]:
-            seconds = forward_seconds(model, size, batch, form, device, repeats)
-            rate = gflops / statistics.median(seconds)
+            seconds, ceilings = forward_seconds(model, size, batch, form, device, repeats, probe)
+            rate, ratio = gflops / statistics.median(seconds), paired_ratio(gflops, seconds, ceilings)
             lines.append(f"| yolov3 ({gflops:.2f} GFLOPs) | {form} | {batch} | {spread([1000 * s for s in seconds])}"
-                         f" | {rate:.1f} | **{rate / top:.2f}** |")
+                         f" | {rate:.1f} | **{ratio:.2f}** | {drift(ceilings)} |")
             key = f"forward_ratio_batch{batch}"
-            figures[key] = max(figures.get(key, 0.0), rate / top)
+            figures[key] = max(figures.get(key, 0.0), ratio)
             figures[f"forward_ms_batch{batch}"] = min(figures.get(f"forward_ms_batch{batch}", 1e9),
                                                       1000 * statistics.median(seconds))
     for arch, encoder in (("yolov3-tiny", "darknet53"), ("yolov3", "mobilenet_v3_large"),
@@ -170,20 +189,20 @@ def run(device: torch.device, size: int, repeats: int, quick: bool) -> tuple[lis
         model = prepared(arch, encoder, FORMS[2], device)
         small_gflops = forward_gflops(model, size)
         for batch in batches:
-            seconds = forward_seconds(model, size, batch, FORMS[2], device, repeats)
-            rate = small_gflops / statistics.median(seconds)
+            seconds, ceilings = forward_seconds(model, size, batch, FORMS[2], device, repeats, probe)
+            rate, ratio = small_gflops / statistics.median(seconds), paired_ratio(small_gflops, seconds, ceilings)
             lines.append(f"| {arch} {encoder} ({small_gflops:.2f} GFLOPs) | {FORMS[2]} | {batch} | "
-                         f"{spread([1000 * s for s in seconds])} | {rate:.1f} | {rate / top:.2f} |")
+                         f"{spread([1000 * s for s in seconds])} | {rate:.1f} | {ratio:.2f} | {drift(ceilings)} |")
 
     amp = device.type == "cuda"
     batch = 64 if amp else 8
-    steps = train_seconds(size, batch, device, max(2, repeats // 2), amp)
+    steps, ceilings = train_seconds(size, batch, device, max(2, repeats // 2), amp, probe)
     images_per_s = [batch / s for s in steps]
-    rate = 3 * gflops * statistics.median(images_per_s)
-    figures.update(train_images_per_s=statistics.median(images_per_s), train_ratio=rate / top)
+    rate, ratio = 3 * gflops * statistics.median(images_per_s), paired_ratio(3 * gflops * batch, steps, ceilings)
+    figures.update(train_images_per_s=statistics.median(images_per_s), train_ratio=ratio)
     lines += ["", f"### Training step, YOLOv3 at {size}, batch {batch}, {'AMP fp16' if amp else 'fp32'}, Adam", "",
               f"**{spread(images_per_s)} images/s** ({spread(steps)} s per step); {rate:.1f} GFLOP/s counting 3x "
-              f"the forward FLOPs = **{rate / top:.2f} of the ceiling**", ""]
+              f"the forward FLOPs = **{ratio:.2f} of the ceiling** (paired; drift {drift(ceilings)})", ""]
 
     loss = loss_seconds(size, 8, 50, device, 5 * repeats)
     figures["loss_ms"] = 1000 * statistics.median(loss)
@@ -192,7 +211,7 @@ def run(device: torch.device, size: int, repeats: int, quick: bool) -> tuple[lis
 
     eval_cfg = EvalConfig()
     model = prepared("yolov3", "darknet53", FORMS[2], device)
-    forward = statistics.median(forward_seconds(model, size, 8, FORMS[2], device, repeats)) * 8
+    forward = statistics.median(forward_seconds(model, size, 8, FORMS[2], device, repeats, probe)[0]) * 8
     lines += [f"### Post-processing, batch 8 at {size}: conf {eval_cfg.conf_threshold}, NMS IoU {eval_cfg.nms_iou}, "
               f"max_det {eval_cfg.max_det}, max_candidates {eval_cfg.max_candidates}", "",
               "| scores | candidates / image | ms per batch | / forward of the batch |", "|---|---|---|---|"]

@@ -136,3 +136,37 @@ def test_max_bad_steps_in_a_row_stop_training_and_keep_the_last_good_checkpoint(
     assert f"{run_dir / 'last.pt'} is left as the last good checkpoint" in message
     saved = load_checkpoint(run_dir / "last.pt")
     assert saved["state"]["step"] == 3 and saved["state"]["skipped_steps"] == 0
+
+
+def _ddp_rank_with_an_infinite_loss(rank: int, world: int, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model, loss_fn, optimizer, targets = tiny_setup()
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+
+        def loss_on_rank(outputs, targets):  # noqa: ANN001, ANN202
+            loss, terms = loss_fn(outputs, targets)  # rank 1: an infinite loss whose gradients are finite
+            return (loss + math.inf if rank == 1 else loss), terms
+
+        torch.manual_seed(rank)
+        result = train_step(ddp, loss_on_rank, [(torch.rand(2, 3, 64, 64), targets)], optimizer,
+                            torch.amp.GradScaler("cpu", enabled=False), None, 10.0)
+        unchanged = all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+        torch.save({"skipped": result.skipped, "grad_norm": result.grad_norm, "unchanged": unchanged,
+                    "total": result.losses["total"]}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_ranks_agree_to_skip(tmp_path):
+    torch.multiprocessing.spawn(_ddp_rank_with_an_infinite_loss, args=(2, 29531, str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert all(math.isfinite(r["grad_norm"]) for r in ranks)  # the gradients were finite on both ranks
+    assert [r["skipped"] for r in ranks] == [True, True]  # rank 0's own loss was finite: it skips with rank 1
+    assert [r["unchanged"] for r in ranks] == [True, True]  # no rank stepped: the weights stay equal
+    assert [r["total"] for r in ranks] == [math.inf, math.inf]  # the loss logged is the mean over ranks

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from utils.distributed import all_reduce_mean
 from utils.loss import YOLOLoss
 
 
@@ -72,7 +73,10 @@ def train_step(model: nn.Module, loss_fn: YOLOLoss, micro_batches: list[tuple[to
             scaler.scale(loss / len(micro_batches)).backward()
         for key, value in {"total": loss.detach(), **terms}.items():  # summed on the device: no sync per term
             sums[key] = sums[key] + value if key in sums else value
-    totals = dict(zip(sums, (torch.stack(list(sums.values())) / len(micro_batches)).tolist(), strict=True))
+    # averaged over ranks as well: every rank logs the same loss and takes the same decision to skip (a non-finite
+    # loss on one rank with finite gradients would otherwise skip the step there only, and the weights would part)
+    means = all_reduce_mean({key: value / len(micro_batches) for key, value in sums.items()})
+    totals = dict(zip(means, torch.stack(list(means.values())).tolist(), strict=True))
     scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     max_norm = clip_grad_norm if clip_grad_norm is not None else math.inf

@@ -111,10 +111,16 @@ def run(root: str, size: int, repeats: int, workers: list[int]) -> tuple[list[st
               "passes)", "", "| stage | ms / image |", "|---|---|"]
     lines += [f"| {name} | {ms:.3f} |" for name, ms in stages(dataset, size, repeats).items()]
     figures = {"images_per_s_per_process": statistics.median(rates)}
-    loader = {n: loader_rate(cfg, dataset, n, 200) for n in workers}
-    lines += ["", "| DataLoader workers (batch 16, collated) | images/s | vs 1 worker |", "|---|---|---|"]
-    lines += [f"| {n} | {rate:.0f} | {rate / loader[workers[0]] * workers[0]:.2f}x |" for n, rate in loader.items()]
-    figures.update({f"loader_{n}_workers": rate for n, rate in loader.items()})
+    # the worker counts alternate, round after round: each round's ratio compares rates measured a few seconds
+    # apart, so the machine's speed drifting during the run does not enter the scaling figure
+    rounds = [{n: loader_rate(cfg, dataset, n, 200) for n in workers} for _ in range(repeats)]
+    rates = {n: statistics.median(r[n] for r in rounds) for n in workers}
+    scaling = {n: statistics.median(r[n] / r[workers[0]] * workers[0] for r in rounds) for n in workers}
+    lines += ["", f"| DataLoader workers (batch 16, collated; {repeats} alternating rounds) | images/s | "
+              f"vs {workers[0]} worker(s), paired per round |", "|---|---|---|"]
+    lines += [f"| {n} | {spread([r[n] for r in rounds], '.0f')} | {scaling[n]:.2f}x |" for n in workers]
+    figures.update({f"loader_{n}_workers": rate for n, rate in rates.items()})
+    figures.update({f"loader_{n}_workers_scaling": value for n, value in scaling.items()})
     return lines, figures
 
 

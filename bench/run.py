@@ -94,7 +94,7 @@ def main() -> None:
         sections.append(f"### {title} (`bench/{script} {' '.join(script_args)}`, "
                         f"{time.perf_counter() - start:.0f} s)\n\n{text.strip()}\n")
     if args.device == "cpu":
-        figures["loader_scaling"] = figures["loader_2_workers"] / figures["loader_1_workers"]
+        figures["loader_scaling"] = figures["loader_2_workers_scaling"]  # paired per round, not a ratio of medians
     else:
         figures["loader_all_workers"] = figures[f"loader_{os.cpu_count()}_workers"]
     report = "\n".join([f"## bench/run.py --device {args.device}, {time.strftime('%Y-%m-%d %H:%M')}", "",

@@ -22,17 +22,19 @@ MB = 2**20
 
 
 class MemoryAtSteps(logging.Handler):
-    """Records (step, trainer RSS, workers' PSS) each time main.py logs a step line."""
+    """Records (step, trainer RSS, workers' PSS) each time main.py logs a step line; children that existed before
+    (`others`: e.g. multiprocessing's resource tracker, left by an earlier test) are not workers."""
 
-    def __init__(self) -> None:
+    def __init__(self, others: set[int]) -> None:
         super().__init__()
         self.samples: list[tuple[int, int, int]] = []
         self.workers: set[int] = set()
+        self.others = others
 
     def emit(self, record: logging.LogRecord) -> None:
         """Sample memory when the record is a step line."""
         if match := STEP_LINE.search(" " + record.getMessage()):
-            workers = child_pids()
+            workers = set(child_pids()) - self.others
             self.workers.update(workers)
             self.samples.append((int(match[1]), rss_bytes(), sum(_pss_or_zero(pid) for pid in workers)))
 
@@ -54,7 +56,7 @@ def endurance(shapes: Path, out: Path, steps: int, eval_every: int, workers: int
     still alive `grace` seconds after main() returned, and the file descriptors opened and not closed.
     """
     fds_before, children_before = Counter(open_fds()), set(child_pids())
-    watcher = MemoryAtSteps()
+    watcher = MemoryAtSteps(children_before)
     logger = logging.getLogger("yolov3")
     logger.addHandler(watcher)
     started = time.perf_counter()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -149,12 +150,35 @@ def postprocess_seconds(pred: torch.Tensor, eval_cfg: EvalConfig, device: torch.
     return seconds, candidates
 
 
+def compiled_rows(size: int, batches: tuple[int, ...], device: torch.device, repeats: int, probe: CeilingProbe,
+                  gflops: float) -> list[str]:
+    """Table rows of the fused channels_last YOLOv3 under torch.compile (inductor, weights frozen as constants),
+    one compilation per batch size; the tools do not use this form, so no goal counts it."""
+    import torch._inductor.config as inductor_config
+    inductor_config.freezing = True  # weights as constants: oneDNN prepacks them, folds what it can
+    rows = []
+    for batch in batches:
+        compiled = torch.compile(prepared("yolov3", "darknet53", FORMS[2], device), dynamic=False)
+        x = torch.rand(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            compiled(x)
+        compile_s = time.perf_counter() - start
+        seconds, ceilings = forward_seconds(compiled, size, batch, FORMS[2], device, repeats, probe)
+        rate, ratio = gflops / statistics.median(seconds), paired_ratio(gflops, seconds, ceilings)
+        rows.append(f"| yolov3 ({gflops:.2f} GFLOPs) | {FORMS[2]} + torch.compile (bench only; compiled in "
+                    f"{compile_s:.0f} s) | {batch} | {spread([1000 * s for s in seconds])} | {rate:.1f} | {ratio:.2f} "
+                    f"| {drift(ceilings)} |")
+    return rows
+
+
 def drift(ceilings: list[float]) -> str:
     """The range of the ceilings measured during one figure's timed calls, GFLOP/s."""
     return f"{min(ceilings):.0f}-{max(ceilings):.0f}"
 
 
-def run(device: torch.device, size: int, repeats: int, quick: bool) -> tuple[list[str], dict[str, float]]:
+def run(device: torch.device, size: int, repeats: int, quick: bool, compile_forward: bool = False
+        ) -> tuple[list[str], dict[str, float]]:
     """All the measurements of this script, as markdown lines and a dict of the headline figures."""
     lines = [f"Machine: {machine(device)}", ""]
     probe = CeilingProbe(device)
@@ -184,6 +208,8 @@ def run(device: torch.device, size: int, repeats: int, quick: bool) -> tuple[lis
             figures[key] = max(figures.get(key, 0.0), ratio)
             figures[f"forward_ms_batch{batch}"] = min(figures.get(f"forward_ms_batch{batch}", 1e9),
                                                       1000 * statistics.median(seconds))
+    if compile_forward:
+        lines += compiled_rows(size, batches if not quick else batches[:1], device, repeats, probe, gflops)
     for arch, encoder in (("yolov3-tiny", "darknet53"), ("yolov3", "mobilenet_v3_large"),
                           ("yolov3", "mobilenet_v3_small")):
         model = prepared(arch, encoder, FORMS[2], device)
@@ -232,9 +258,11 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=416)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="batch 1 only for the YOLOv3 forms")
+    parser.add_argument("--compile", action="store_true", help="also time YOLOv3 under torch.compile (needs a C++ "
+                        "compiler on CPU; ~20-30 s of compilation per batch size)")
     parser.add_argument("--json", help="also write the headline figures to this JSON file")
     args = parser.parse_args()
-    lines, figures = run(torch.device(args.device), args.size, args.repeats, args.quick)
+    lines, figures = run(torch.device(args.device), args.size, args.repeats, args.quick, args.compile)
     emit(lines, figures, args.json)
 
 

@@ -74,6 +74,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--size", type=int, default=416, help="input size of every bench (the goals are at 416)")
     parser.add_argument("--write", action="store_true", help="append the report to BENCHMARKS.md")
+    parser.add_argument("--compile", action="store_true", help="also time YOLOv3 under torch.compile (bench only)")
     args = parser.parse_args()
     if not (ROOT / args.data).exists() and not Path(args.data).exists():
         raise SystemExit(f"--data {args.data}: no such folder; point it at a COCO-format set (images/ and "
@@ -81,7 +82,8 @@ def main() -> None:
     sections, figures = [], {}
     workers = [str(os.cpu_count())] if args.device == "cuda" else ["1", "2"]
     plan = [("model.py", "Model, training step, loss, post-processing",
-             ["--device", args.device, "--repeats", str(args.repeats), "--size", str(args.size)]),
+             ["--device", args.device, "--repeats", str(args.repeats), "--size", str(args.size),
+              *(["--compile"] if args.compile else [])]),
             ("data_pipeline.py", "Data pipeline", ["--root", args.data, "--repeats", str(args.repeats),
                                                    "--size", str(args.size), "--workers", *workers])]
     if args.device == "cpu":

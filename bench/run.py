@@ -99,9 +99,10 @@ def main() -> None:
         figures["loader_scaling"] = figures["loader_2_workers_scaling"]  # paired per round, not a ratio of medians
     else:
         figures["loader_all_workers"] = figures[f"loader_{os.cpu_count()}_workers"]
+    options = (" --device cuda" if args.device == "cuda" else "") + (" --compile" if args.compile else "")
     report = "\n".join([f"## bench/run.py --device {args.device}, {time.strftime('%Y-%m-%d %H:%M')}", "",
-                        "Command: `.venv/bin/python bench/run.py" + (" --device cuda" if args.device == "cuda" else "")
-                        + "` (malloc pinned by the script)", "", *summary(figures, args.device), "", *sections])
+                        f"Command: `.venv/bin/python bench/run.py{options}` (malloc pinned by the script)", "",
+                        *summary(figures, args.device), "", *sections])
     print(report)
     if args.write:
         with open(ROOT / "BENCHMARKS.md", "a") as f:

@@ -98,3 +98,18 @@ def test_checkpoint_write_is_atomic(tmp_path):
         save_checkpoint({"model": {}, "config": {}, "bad": lambda: 0}, path)
     assert load_checkpoint(path)["model"]["w"].tolist() == [1.0, 1.0]  # the old file is intact
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # and no temporary file is left
+
+
+def test_compiled_model_gives_the_same_detections(tmp_path):
+    weights = tmp_path / "last.pt"
+    tiny_checkpoint(weights)
+    results = {}
+    for name, extra in (("plain", []), ("compiled", ["--compile"])):
+        validation.main(["--weights", str(weights), *DATA_ARGS, "--img-size", "64", "--subset", "4", "--conf",
+                         "0.00005", "--save-json", "--out", str(tmp_path / name), *extra])
+        results[name] = json.loads((tmp_path / name / "last_val64_detections.json").read_text())
+    plain, compiled = results["plain"], results["compiled"]
+    assert len(plain) == len(compiled) > 0
+    assert [(d["image_id"], d["category_id"]) for d in plain] == [(d["image_id"], d["category_id"]) for d in compiled]
+    assert max(abs(a - b) for p, c in zip(plain, compiled, strict=True) for a, b in zip(p["bbox"], c["bbox"],
+                                                                                      strict=True)) < 1e-3

@@ -1,6 +1,7 @@
 """validation.py end to end on the COCO fixture, with a checkpoint and with a Darknet .weights file."""
 import json
 import pickle
+import shutil
 
 import pytest
 import torch
@@ -100,6 +101,8 @@ def test_checkpoint_write_is_atomic(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # and no temporary file is left
 
 
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("clang++")), reason="torch.compile on a CPU needs a C++ "
+                    "compiler (g++ or clang++)")
 def test_compiled_model_gives_the_same_detections(tmp_path):
     weights = tmp_path / "last.pt"
     tiny_checkpoint(weights)

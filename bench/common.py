@@ -1,7 +1,7 @@
 """Shared by the bench/ scripts: timing with warm-up, median and spread, the machine line, the convolution ceiling.
 
-Every speed figure of the suite is also given as a ratio to the ceiling measured in the same run: the machine's own
-throughput on one 3x3 convolution, 256 -> 512 channels at 52x52 (YOLOv3's most common layer shape at 416).
+Every speed figure of the suite is also given as a ratio to the machine's own throughput on one 3x3 convolution,
+256 -> 512 channels at 52x52 (YOLOv3's most common layer shape at 416), measured just before each timed call.
 """
 from __future__ import annotations
 
@@ -85,36 +85,21 @@ def bf16_supported() -> bool:
     return any(f in cpu_features() for f in ("avx512_bf16", "amx_bf16"))
 
 
-@torch.inference_mode()
-def conv_ceiling(device: torch.device, repeats: int = 10, batch: int = 1, dtype: torch.dtype = torch.float32,
-                 formats: tuple[torch.memory_format, ...] = (torch.contiguous_format, torch.channels_last)
-                 ) -> list[float]:
-    """GFLOP/s of one 3x3 conv 256 -> 512 at 52x52 (batch `batch`), best of `formats`, one figure per repeat."""
-    cin, cout, side = CEILING_SHAPE
-    flops = 2 * cin * cout * 9 * side * side * batch
-    best: list[float] = []
-    for fmt in formats:
-        conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False).to(device, dtype).to(memory_format=fmt)
-        x = torch.randn(batch, cin, side, side, device=device, dtype=dtype).contiguous(memory_format=fmt)
-        rates = [flops / s / 1e9 for s in time_runs(functools.partial(conv, x), repeats, warmup=3, device=device)]
-        if not best or statistics.median(rates) > statistics.median(best):
-            best = rates
-    return best
-
-
 class CeilingProbe:
-    """The conv ceiling measured again on demand, just before each timed call of a bench: ratios of paired
-    measurements survive the machine's speed drifting during a run (a shared cloud CPU drifts by 30% or more over
-    minutes, which a ceiling measured once at the start turns into false ratios)."""
+    """The machine's conv ceiling (GFLOP/s of one 3x3 conv, 256 -> 512 at 52x52, batch 1, fp32, in the faster of
+    NCHW and NHWC, decided once), measured again on demand, just before each timed call of a bench: ratios of
+    paired measurements survive the machine's speed drifting during a run (a shared cloud CPU drifts by 30% or more
+    over minutes, which a ceiling measured once at the start turns into false ratios)."""
 
     def __init__(self, device: torch.device, runs: int = 3) -> None:
         cin, cout, side = CEILING_SHAPE
         self.gflop, self.runs, self.device = 2 * cin * cout * 9 * side * side / 1e9, runs, device
-        # the memory format conv_ceiling finds best, decided once
-        best = max((torch.contiguous_format, torch.channels_last), key=lambda fmt: statistics.median(
-            conv_ceiling(device, repeats=3, formats=(fmt,))))
-        self.conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False).to(device).to(memory_format=best)
-        self.x = torch.randn(1, cin, side, side, device=device).contiguous(memory_format=best)
+        candidates = []
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            self.conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False).to(device).to(memory_format=fmt)
+            self.x = torch.randn(1, cin, side, side, device=device).contiguous(memory_format=fmt)
+            candidates.append((statistics.median(self() for _ in range(3)), self.conv, self.x))
+        _, self.conv, self.x = max(candidates, key=lambda c: c[0])
 
     @torch.inference_mode()
     def __call__(self) -> float:

@@ -18,6 +18,7 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -43,7 +44,8 @@ from utils.inference import compile_for_inference  # noqa: E402
 from utils.loss import build_loss  # noqa: E402
 from utils.postprocess import postprocess  # noqa: E402
 
-FORMS = ("eval mode (as trained)", "BN fused, inference_mode", "fused + channels_last", "fused + channels_last + bf16")
+FORMS = ("eval mode (as trained)", "BN fused, inference_mode", "fused + channels_last", "fused + channels_last + bf16",
+         "fused + channels_last + fp16")
 
 
 def forward_gflops(model: YOLO, size: int) -> float:
@@ -72,19 +74,18 @@ def forward_seconds(model: YOLO, size: int, batch: int, form: str, device: torch
     x = torch.rand(batch, 3, size, size, device=device)
     if "channels_last" in form:
         x = x.contiguous(memory_format=torch.channels_last)
-    amp = "bf16" in form
+    dtype = torch.float16 if "fp16" in form else torch.bfloat16
 
     def run() -> torch.Tensor:
-        with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=amp):
+        with torch.inference_mode(), torch.autocast(device.type, dtype, enabled="bf16" in form or "fp16" in form):
             return model(x)
     seconds, ceilings = time_paired(run, repeats, probe, device=device)
     return [s / batch for s in seconds], ceilings
 
 
-def train_seconds(size: int, batch: int, device: torch.device, repeats: int, amp: bool, probe: CeilingProbe
-                  ) -> tuple[list[float], list[float]]:
-    """Seconds per optimiser step of YOLOv3 (train mode, channels_last as main.py trains, Adam, batch `batch`, 20
-    boxes per image), one per repeat, and the ceiling measured just before each."""
+def train_step_fn(size: int, batch: int, device: torch.device, amp: bool) -> Callable[[], object]:
+    """One optimiser step of YOLOv3 (train mode, channels_last as main.py trains, Adam, batch `batch`, 20 boxes per
+    image, fp16 autocast with `amp`) as a function of no arguments."""
     torch.manual_seed(0)
     model = build_model("yolov3", "darknet53", 80).to(device, memory_format=torch.channels_last).train()
     loss_fn = build_loss(model, LossConfig())
@@ -93,8 +94,31 @@ def train_seconds(size: int, batch: int, device: torch.device, repeats: int, amp
     images = torch.rand(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
     targets = random_targets(batch, 20, size, 80, device)
     dtype = torch.float16 if amp else None
-    return time_paired(lambda: train_step(model, loss_fn, [(images, targets)], optimizer, scaler, dtype, 10.0),
-                       repeats, probe, device=device)
+    return lambda: train_step(model, loss_fn, [(images, targets)], optimizer, scaler, dtype, 10.0)
+
+
+def cudnn_benchmark_rows(size: int, device: torch.device, repeats: int) -> list[str]:
+    """Table rows (CUDA): the AMP training step at batch 64 and the fp16 forward at batch 32 with
+    torch.backends.cudnn.benchmark off and on, in alternating rounds (each flag warmed up, autotuning included)."""
+    model = prepared("yolov3", "darknet53", FORMS[4], device)
+    x = torch.rand(32, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+
+    def forward() -> torch.Tensor:
+        with torch.inference_mode(), torch.autocast(device.type, torch.float16):
+            return model(x)
+    rows = []
+    for name, fn in (("training step, AMP fp16, batch 64", train_step_fn(size, 64, device, amp=True)),
+                     ("forward, fused + channels_last + fp16, batch 32", forward)):
+        seconds: dict[bool, list[float]] = {False: [], True: []}
+        for flag in (False, True, False, True, *([False, True] * repeats)):  # the first two rounds: warm-up
+            torch.backends.cudnn.benchmark = flag
+            seconds[flag] += time_runs(fn, 1, warmup=0, device=device)
+        off, on = seconds[False][2:], seconds[True][2:]
+        gain = statistics.median(a / b for a, b in zip(off, on, strict=True))
+        rows.append(f"| {name} | {spread([1000 * s for s in off])} | {spread([1000 * s for s in on])} | "
+                    f"**{gain:.2f}x** |")
+    torch.backends.cudnn.benchmark = False
+    return rows
 
 
 def random_targets(batch: int, per_image: int, size: int, num_classes: int, device: torch.device) -> torch.Tensor:
@@ -193,6 +217,10 @@ def run(device: torch.device, size: int, repeats: int, quick: bool, compile_forw
     batches = (1, 32) if device.type == "cuda" else (1, 8)
     gflops = forward_gflops(prepared("yolov3", "darknet53", FORMS[1], device), size)
     for form in FORMS:
+        if "fp16" in form and device.type == "cpu":
+            lines.append(f"| yolov3 | {form} | - | not run: fp16 autocast is the CUDA inference path "
+                         "(validation.py --amp) | | |")
+            continue
         if "bf16" in form and device.type == "cpu" and not bf16_supported():
             lines.append(f"| yolov3 | {form} | - | not run: this CPU has no native bf16 (no avx512_bf16 / AMX); "
                          "bf16 would be emulated, slower than fp32 | | |")
@@ -221,7 +249,8 @@ def run(device: torch.device, size: int, repeats: int, quick: bool, compile_forw
 
     amp = device.type == "cuda"
     batch = 64 if amp else 8
-    steps, ceilings = train_seconds(size, batch, device, max(2, repeats // 2), amp, probe)
+    steps, ceilings = time_paired(train_step_fn(size, batch, device, amp), max(2, repeats // 2), probe,
+                                  device=device)
     images_per_s = [batch / s for s in steps]
     rate, ratio = 3 * gflops * statistics.median(images_per_s), paired_ratio(3 * gflops * batch, steps, ceilings)
     figures.update(train_images_per_s=statistics.median(images_per_s), train_ratio=ratio)
@@ -229,6 +258,10 @@ def run(device: torch.device, size: int, repeats: int, quick: bool, compile_forw
               f"**{spread(images_per_s)} images/s** ({spread(steps)} s per step); {rate:.1f} GFLOP/s counting 3x "
               f"the forward FLOPs = **{ratio:.2f} of the ceiling** (paired; drift {drift(ceilings)})", ""]
 
+    if device.type == "cuda":
+        lines += ["### cudnn.benchmark (CUDA): off vs on, alternating rounds", "",
+                  "| what | off: ms | on: ms | off / on |", "|---|---|---|---|", *cudnn_benchmark_rows(size, device,
+                                                                                                       repeats), ""]
     loss = loss_seconds(size, 8, 50, device, 5 * repeats)
     figures["loss_ms"] = 1000 * statistics.median(loss)
     lines += [f"### Loss, YOLOv3 layout at {size}, batch 8, 50 boxes per image", "",

@@ -55,7 +55,9 @@ def summary(figures: dict[str, float], device: str) -> list[str]:
                 f"| training, AMP, batch 64, 416: images/s | {train:.1f} |",
                 f"| inference FPS, batch 1 / batch 32 | {1000 / figures['forward_ms_batch1']:.1f} / "
                 f"{1000 / figures['forward_ms_batch32']:.1f} |",
-                f"| DataLoader, {os.cpu_count()} workers: images/s | {loader:.0f} |",
+                f"| DataLoader, {os.cpu_count()} workers: images/s | {loader:.0f} "
+                f"({figures[f'loader_{os.cpu_count()}_workers_scaling']:.1f}x one worker's "
+                f"{figures['loader_1_workers']:.0f}) |",
                 f"| bound by | **{bound}** |"]
     lines = ["| figure | goal | measured | met |", "|---|---|---|---|"]
     for key, label, goal, higher in CPU_GOALS:
@@ -80,7 +82,7 @@ def main() -> None:
         raise SystemExit(f"--data {args.data}: no such folder; point it at a COCO-format set (images/ and "
                          "annotations/ as datasets/get_coco.sh writes them)")
     sections, figures = [], {}
-    workers = [str(os.cpu_count())] if args.device == "cuda" else ["1", "2"]
+    workers = ["1", str(os.cpu_count())] if args.device == "cuda" else ["1", "2"]
     plan = [("model.py", "Model, training step, loss, post-processing",
              ["--device", args.device, "--repeats", str(args.repeats), "--size", str(args.size),
               *(["--compile"] if args.compile else [])]),

@@ -7,11 +7,12 @@ import pytest
 import torch
 from conftest import DATA
 from pycocotools.cocoeval import COCOeval
+from torchvision.ops import batched_nms
 
 from datasets.loader import build_dataset, build_loader
 from utils.config import load_config
 from utils.evaluation import COCO_STATS, coco_evaluate, evaluate, to_coco_rows
-from utils.postprocess import postprocess, to_original_pixels
+from utils.postprocess import grouped_nms, postprocess, to_original_pixels
 
 ROOT = DATA.parent.parent
 
@@ -40,6 +41,31 @@ def test_nms_does_not_merge_across_images():
     pred = torch.cat([boxes_pred([[50, 50, 20, 20]], [0], [0.9]), boxes_pred([[51, 50, 20, 20]], [0], [0.8])])
     det = postprocess(pred, conf_threshold=0.1, nms_iou=0.5)
     assert det[:, 0].tolist() == [0, 1]
+
+
+def test_grouped_nms_in_chunks_hand_computed():
+    boxes = torch.tensor([[0, 0, 10, 10], [1, 1, 11, 11], [1, 1, 11, 11], [-20, -20, -5, -5], [-19, -20, -5, -5.]])
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5])
+    groups = torch.tensor([0, 0, 1, 1, 1])
+    # box 1 overlaps box 0 (IoU 81 / 119 = 0.68) in group 0; box 4 overlaps box 3 (IoU 14/15) in group 1 (negative
+    # coordinates: the offsets must keep the groups apart all the same); box 2 is alone in group 1's positive corner
+    for chunk in (1, 2, 100):
+        assert grouped_nms(boxes, scores, groups, 0.5, chunk).tolist() == [0, 2, 3]
+    assert grouped_nms(boxes[:0], scores[:0], groups[:0], 0.5, 256).shape == (0,)
+
+
+def test_grouped_nms_in_chunks_keeps_what_batched_nms_keeps():
+    for seed in range(10):
+        g = torch.Generator().manual_seed(seed)
+        m = 200 * (seed + 1)
+        corner = torch.rand(m, 2, generator=g) * 300 - 50
+        boxes = torch.cat([corner, corner + torch.rand(m, 2, generator=g) * 80 + 1], 1)
+        scores, groups = torch.rand(m, generator=g), torch.randint(0, 5 + 20 * seed, (m,), generator=g)
+        expected = batched_nms(boxes, scores, groups, 0.5)
+        for chunk in (1, 64, 500):
+            kept = grouped_nms(boxes, scores, groups, 0.5, chunk)
+            assert sorted(kept.tolist()) == sorted(expected.tolist()), (seed, chunk)
+            assert torch.equal(scores[kept], scores[expected])  # best first
 
 
 def test_max_det_max_candidates_and_threshold():

@@ -1,9 +1,12 @@
 """From decoded predictions to final detections: scores, candidate cap, NMS, max_det, back to original pixels.
 
-Everything is vectorised over the batch; NMS runs once per call through `torchvision.ops.batched_nms` with one
-group per (image, class). (Below 4,000 boxes on the CPU batched_nms offsets the groups apart and runs one NMS; above,
-it runs one small NMS per group, which keeps the O(n^2) of greedy NMS inside each group: on 8 x 10,000 candidates
-a single offset NMS took 58 s where the per-group path takes well under a second.)
+Everything is vectorised over the batch. NMS runs with one group per (image, class) in `grouped_nms`: whole groups
+are packed into chunks of about NMS_CHUNK boxes and each chunk is one NMS with its groups offset apart. One NMS per
+group (torchvision's batched_nms above 4,000 boxes) costs a call each, a kernel launch and a host sync on CUDA; one
+NMS over everything (its coordinate trick) is quadratic in all the boxes of a batch (58 s on 8 x 10,000 candidates on
+a CPU). Chunks sit between: on a batch of 8 at 416 with trained-like scores (2,289 candidates per image), 176 -> 50 ms
+on this 2-core CPU (chunk 256) and 18.2 -> 8.5 ms on an H200 (chunk 2048); worst case (all 10,647 x 80 scores pass)
+266 -> 134 ms and 132 -> 31 ms (chunk sizes swept 128 .. 16384; BENCHMARKS.md, 2026-11-26).
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torchvision.ops import batched_nms
+from torchvision.ops import nms
 
 from utils.boxes import box_cxcywh_to_xyxy, ragged_arange
 
@@ -20,6 +23,36 @@ def rank_within_group(group: torch.Tensor) -> torch.Tensor:
     """(M,) group ids of rows already sorted by group then by score -> (M,) 0-based rank of each row in its group."""
     _, counts = torch.unique_consecutive(group, return_counts=True)
     return ragged_arange(counts)[1]
+
+
+# boxes per NMS call, by device type (measured best of 128 .. 16384: a CPU's greedy NMS is quadratic in the boxes of
+# one call, a GPU's call has a fixed cost and a sequential pass over its n x n/64 overlap mask)
+NMS_CHUNK = {"cpu": 256, "cuda": 2048}
+
+
+def grouped_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, iou_threshold: float,
+                chunk: int) -> torch.Tensor:
+    """Greedy NMS within each group: boxes (M, 4) xyxy, scores (M,), groups (M,) ints -> kept indices (K,), best
+    score first. Whole groups are packed into chunks that start every `chunk` boxes (a chunk holds less than chunk +
+    its last group), one NMS each with the groups offset apart (in float64, where the offsets are exact). Groups
+    never interact, so any chunk size keeps what torchvision's batched_nms keeps."""
+    if not len(boxes):
+        return torch.zeros(0, dtype=torch.long, device=boxes.device)
+    order = torch.argsort(groups, stable=True)
+    _, counts = torch.unique_consecutive(groups[order], return_counts=True)
+    group_of_box, _ = ragged_arange(counts)  # (M,) 0 .. G-1 in sorted order
+    chunk_of_box = ((counts.cumsum(0) - counts) // chunk)[group_of_box]  # a group's chunk: where it starts
+    sorted_boxes = boxes[order].double()
+    low, high = sorted_boxes.min(), sorted_boxes.max()
+    shifted = sorted_boxes + (group_of_box * (high - low + 1))[:, None]  # groups apart, as batched_nms does
+    sorted_scores = scores[order].double()
+    sizes = torch.unique_consecutive(chunk_of_box, return_counts=True)[1].tolist()  # one host sync
+    keep, start = [], 0
+    for size in sizes:  # a handful of calls: M / chunk, not one per group
+        keep.append(start + nms(shifted[start:start + size], sorted_scores[start:start + size], iou_threshold))
+        start += size
+    kept = order[torch.cat(keep)]
+    return kept[torch.argsort(scores[kept], descending=True, stable=True)]
 
 
 def top_per_image(image_index: torch.Tensor, scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -56,7 +89,7 @@ def postprocess(pred: torch.Tensor, conf_threshold: float = 0.001, nms_iou: floa
     if not multi_label:
         c = best_class[b, n, 0]
     boxes = box_cxcywh_to_xyxy(pred[b, n, :4])
-    keep = batched_nms(boxes, s, b * num_classes + c, nms_iou)  # sorted by score, best first
+    keep = grouped_nms(boxes, s, b * num_classes + c, nms_iou, NMS_CHUNK.get(boxes.device.type, 256))  # best first
     keep = keep[top_per_image(b[keep], s[keep], max_det)]
     return torch.cat([b[keep, None].to(boxes.dtype), boxes[keep], s[keep, None], c[keep, None].to(boxes.dtype)], 1)
 

@@ -1,5 +1,6 @@
 """Optimiser parameter groups, the lr schedule against hand-computed values, exact resume, and the plotting tool."""
 import math
+import warnings
 
 import cv2
 import pytest
@@ -193,3 +194,16 @@ def test_tool_sampling_is_bounded_and_keeps_change_points():
     assert len(xs) < 6000
     assert xs[0] == 0 and xs[-1] == cfg.steps - 1
     assert {999, 1000, 399999, 400000, 449999, 450000} <= set(xs)
+
+
+def test_a_skipped_first_step_raises_no_scheduler_order_warning():
+    # the fp16 scaler skips the first update(s) while it finds its scale; the schedule is indexed by step, skipped or
+    # not, so torch's "lr_scheduler.step() before optimizer.step()" warning would be false (it was printed by every
+    # AMP run on a GPU)
+    cfg = TrainConfig(lr=0.01, burn_in=0, scheduler="steps", lr_steps=[1], lr_scales=[0.1])
+    opt = build_optimizer(small_model(), cfg)
+    scheduler = build_scheduler(opt, cfg)
+    with warnings.catch_warnings(record=True) as caught:
+        scheduler.step()  # no optimizer.step() before: the step was skipped
+    assert [str(w.message) for w in caught] == []
+    assert scheduler.last_epoch == 1 and opt.param_groups[0]["lr"] == pytest.approx(0.001)  # step 1's lr

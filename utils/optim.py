@@ -7,6 +7,7 @@ update. The training loop calls `optimizer.step()` and then `scheduler.step()` o
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -87,6 +88,15 @@ class ResumableLambdaLR(LambdaLR):
     Plain LambdaLR only restores `last_epoch`, so the update right after a resume would use whatever lr the
     optimiser held (the step-0 warm-up lr when the scheduler is built after the optimiser state was loaded).
     """
+
+    def step(self, epoch: int | None = None) -> None:
+        """LambdaLR.step without torch's warning that it came before optimizer.step(): the schedule is indexed by
+        optimiser step, skipped or not, and fp16 runs skip their first update(s) while GradScaler finds its scale
+        (every AMP run on a GPU printed the warning, which also claims, falsely here, that a value was skipped)."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before "
+                                    r"`optimizer\.step\(\)`")
+            super().step(epoch)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore last_epoch and base_lrs, then write base_lr * factor(last_epoch) into each param group."""

@@ -49,6 +49,8 @@ from utils.loss import build_loss
 from utils.optim import build_optimizer, build_scheduler
 from utils.plots import draw_boxes, draw_true_boxes, image_grid
 
+RESUME_FIXED = ("model.", "train.optimizer")  # config keys a resumed run cannot change (--set on --resume)
+
 
 @dataclass
 class TrainState:
@@ -178,6 +180,11 @@ def main(argv: list[str] | None = None) -> dict:  # noqa: C901 (one sequence, ph
         args.overrides.append(f"logging.name={args.name}")
     try:
         resumed = load_checkpoint(args.resume) if args.resume else None
+        fixed = [o for o in args.overrides if o.split("=", 1)[0].strip().startswith(RESUME_FIXED)]
+        if resumed and fixed:  # the weights and the optimiser state are shaped by these: load_state_dict would fail
+            raise SystemExit(f"error: --resume {args.resume} --set {' '.join(fixed)}: a resumed run keeps its "
+                             "model.* and train.optimizer settings (its weights and optimiser state are shaped by "
+                             "them); start a new run to train a changed model")
         cfg = config_from_dict(resumed["config"], str(args.resume), args.overrides) if resumed else \
             load_config(args.config, args.overrides)
         device = pick_device(args, local_rank)

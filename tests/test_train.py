@@ -110,6 +110,9 @@ def test_resume_continues_exactly(shapes, tmp_path):
         assert torch.equal(v, b["ema"]["module"][k]), k
     assert a["optimizer"]["state"][0]["exp_avg"].equal(b["optimizer"]["state"][0]["exp_avg"])
     assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 6
+    for change in ("model.num_classes=7", "train.optimizer=sgd"):  # shapes the weights / optimiser state: refused
+        with pytest.raises(SystemExit, match=rf"--set {change}: a resumed run keeps its model\.\* and "):
+            train_main.main(["--resume", str(first["run_dir"] / "last.pt"), "--device", "cpu", "--set", change])
 
 
 def test_run_folder_tensorboard_tags_and_best(shapes, tmp_path):

@@ -145,3 +145,18 @@ def test_class_table_and_device_option(tmp_path):
         device_to_gpu("mps")
     with pytest.raises(ConfigError, match=r"detect.conf_threshold=1.5: must be in \[0, 1\)"):
         load_config(ROOT / "args.yaml", ["detect.conf_threshold=1.5"])
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("clang++")), reason="torch.compile on a CPU needs a C++ "
+                    "compiler (g++ or clang++)")
+def test_compiled_model_gives_the_same_detections(tmp_path, weights):
+    rows = {}
+    for name, extra in (("plain", []), ("compiled", ["--compile"])):
+        detect.main(["--weights", str(weights), "--source", str(VAL), *ARGS, "--batch-size", "4", "--no-draw",
+                     "--out", str(tmp_path / name), *extra])
+        rows[name] = json.loads((tmp_path / name / "detections.json").read_text())
+    plain, compiled = rows["plain"], rows["compiled"]
+    assert len(plain) == len(compiled) > 0
+    assert [(r["file_name"], r["category_id"]) for r in plain] == [(r["file_name"], r["category_id"]) for r in compiled]
+    assert max(abs(a - b) for p, c in zip(plain, compiled, strict=True)
+               for a, b in zip(p["bbox"], c["bbox"], strict=True)) < 1e-3

@@ -12,7 +12,7 @@ from torchvision.ops import batched_nms
 from datasets.loader import build_dataset, build_loader
 from utils.config import load_config
 from utils.evaluation import COCO_STATS, coco_evaluate, evaluate, to_coco_rows
-from utils.postprocess import grouped_nms, postprocess, to_original_pixels
+from utils.postprocess import grouped_nms, nms_best_first, postprocess, to_original_pixels, top_per_image
 
 ROOT = DATA.parent.parent
 
@@ -66,6 +66,27 @@ def test_grouped_nms_in_chunks_keeps_what_batched_nms_keeps():
             kept = grouped_nms(boxes, scores, groups, 0.5, chunk)
             assert sorted(kept.tolist()) == sorted(expected.tolist()), (seed, chunk)
             assert torch.equal(scores[kept], scores[expected])  # best first
+
+
+def test_nms_on_the_best_first_keeps_the_best_survivors_of_nms_on_all():
+    g = torch.Generator().manual_seed(4)
+    m = 3000
+    corner = torch.rand(m, 2, generator=g) * 200
+    boxes = torch.cat([corner, corner + torch.rand(m, 2, generator=g) * 60 + 5], 1)
+    scores, image = torch.rand(m, generator=g), torch.randint(0, 3, (m,), generator=g)
+    groups = image * 4 + torch.randint(0, 4, (m,), generator=g)
+    # ~1000 candidates per image; the best 120 of images 0, 1, 2 hold 118, 117, 119 survivors, so max_det 118 with
+    # first 120 runs image 1 again and keeps the first pass of images 0 and 2
+    for max_det in (10, 100, 118):
+        full = grouped_nms(boxes, scores, groups, 0.5, 256)
+        expected = full[top_per_image(image[full], scores[full], max_det)]
+        survivors = torch.bincount(image[full]).tolist()
+        # first 5: every image runs again on all its candidates; 2000: no image has more; between: some may
+        for first in (5, 50, 120, 400, 2000):
+            kept = nms_best_first(boxes, scores, image, groups, 0.5, max_det, first, 256)
+            kept = kept[top_per_image(image[kept], scores[kept], max_det)]
+            assert kept.tolist() == expected.tolist(), (max_det, first, survivors)
+    assert nms_best_first(boxes[:0], scores[:0], image[:0], groups[:0], 0.5, 100, 1000, 256).shape == (0,)
 
 
 def test_max_det_max_candidates_and_threshold():

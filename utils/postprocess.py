@@ -28,6 +28,7 @@ def rank_within_group(group: torch.Tensor) -> torch.Tensor:
 # boxes per NMS call, by device type (measured best of 128 .. 16384: a CPU's greedy NMS is quadratic in the boxes of
 # one call, a GPU's call has a fixed cost and a sequential pass over its n x n/64 overlap mask)
 NMS_CHUNK = {"cpu": 256, "cuda": 2048}
+NMS_FIRST = 10  # NMS starts on each image's NMS_FIRST * max_det best candidates (nms_best_first; exact either way)
 
 
 def grouped_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, iou_threshold: float,
@@ -62,6 +63,26 @@ def top_per_image(image_index: torch.Tensor, scores: torch.Tensor, k: int) -> to
     return order[rank_within_group(image_index[order]) < k]
 
 
+def nms_best_first(boxes: torch.Tensor, scores: torch.Tensor, image: torch.Tensor, groups: torch.Tensor,
+                   iou_threshold: float, max_det: int, first: int, chunk: int) -> torch.Tensor:
+    """grouped_nms as far as `max_det` per image needs it: boxes (M, 4) xyxy, scores (M,), image (M,), groups (M,)
+    -> kept indices (K,), best score first, whose best max_det per image are those of grouped_nms on everything.
+
+    NMS runs on each image's `first` best candidates; an image left with fewer than max_det survivors that had
+    more candidates runs again on all of them. Exact: a box survives greedy NMS or not by the higher-scoring boxes
+    of its group alone, which are among its image's best whenever it is, so the survivors among the best are the
+    best survivors (ties in score aside, whose order NMS leaves open anyway)."""
+    best = top_per_image(image, scores, first)
+    kept = best[grouped_nms(boxes[best], scores[best], groups[best], iou_threshold, chunk)]
+    images = int(image.max()) + 1 if len(image) else 0
+    redo = (torch.bincount(image[kept], minlength=images) < max_det) & (torch.bincount(image, minlength=images) > first)
+    if bool(redo.any()):  # rare: the best `first` held too few survivors
+        rows = torch.nonzero(redo[image]).squeeze(1)
+        again = rows[grouped_nms(boxes[rows], scores[rows], groups[rows], iou_threshold, chunk)]
+        kept = torch.cat([kept[~redo[image[kept]]], again])
+    return kept[torch.argsort(scores[kept], descending=True, stable=True)]
+
+
 def postprocess(pred: torch.Tensor, conf_threshold: float = 0.001, nms_iou: float = 0.6, max_det: int = 100,
                 max_candidates: int = 10000, multi_label: bool = True) -> torch.Tensor:
     """Decoded predictions (B, N, 5+C) [cx, cy, w, h, obj, cls...] -> detections (M, 7)
@@ -89,7 +110,8 @@ def postprocess(pred: torch.Tensor, conf_threshold: float = 0.001, nms_iou: floa
     if not multi_label:
         c = best_class[b, n, 0]
     boxes = box_cxcywh_to_xyxy(pred[b, n, :4])
-    keep = grouped_nms(boxes, s, b * num_classes + c, nms_iou, NMS_CHUNK.get(boxes.device.type, 256))  # best first
+    keep = nms_best_first(boxes, s, b, b * num_classes + c, nms_iou, max_det, NMS_FIRST * max_det,
+                          NMS_CHUNK.get(boxes.device.type, 256))
     keep = keep[top_per_image(b[keep], s[keep], max_det)]
     return torch.cat([b[keep, None].to(boxes.dtype), boxes[keep], s[keep, None], c[keep, None].to(boxes.dtype)], 1)
 

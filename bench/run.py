@@ -46,6 +46,12 @@ def run_script(name: str, args: list[str]) -> tuple[str, dict[str, float]]:
         return done.stdout, json.loads(figures_path.read_text())
 
 
+def python_name() -> str:
+    """The interpreter running this, as a command would name it: relative to the repository when it is inside."""
+    python = Path(sys.executable)
+    return str(python.relative_to(ROOT)) if python.is_relative_to(ROOT) else str(python)
+
+
 def summary(figures: dict[str, float], device: str) -> list[str]:
     """The goals table (CPU), or which of training and data loading bounds the GPU run."""
     if device == "cuda":
@@ -103,7 +109,7 @@ def main() -> None:
         figures["loader_all_workers"] = figures[f"loader_{os.cpu_count()}_workers"]
     options = (" --device cuda" if args.device == "cuda" else "") + (" --compile" if args.compile else "")
     report = "\n".join([f"## bench/run.py --device {args.device}, {time.strftime('%Y-%m-%d %H:%M')}", "",
-                        f"Command: `.venv/bin/python bench/run.py{options}` (malloc pinned by the script)", "",
+                        f"Command: `{python_name()} bench/run.py{options}` (malloc pinned by the script)", "",
                         *summary(figures, args.device), "", *sections])
     print(report)
     if args.write:

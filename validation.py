@@ -22,7 +22,7 @@ from datasets.loader import LoaderError, build_dataset, build_loader
 from utils.checkpoint import CheckpointError, load_model
 from utils.config import add_config_args, cli_config, config_to_dict
 from utils.evaluation import coco_evaluate, evaluate, rows_to_json, save_json
-from utils.inference import compile_for_inference
+from utils.inference import add_compile_arg, compile_for_inference
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,8 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, help="folder for the result files (default: next to --weights)")
     parser.add_argument("--no-fuse", action="store_true", help="keep BatchNorm separate (default: fused)")
     parser.add_argument("--amp", action="store_true", help="fp16 autocast on CUDA")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model, weights frozen: faster per "
-                        "image after ~20 s of compilation per input shape on a CPU (needs a C++ compiler)")
+    add_compile_arg(parser)
     return parser
 
 

@@ -47,6 +47,12 @@ def compile_for_inference(model: torch.nn.Module) -> torch.nn.Module:
     return torch.compile(model)
 
 
+def add_compile_arg(parser: argparse.ArgumentParser) -> None:
+    """--compile, for the tools that run a trained model (validation.py, detect.py, visualization.py)."""
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model, weights frozen: faster per "
+                        "image after ~20 s of compilation per input shape on a CPU (needs a C++ compiler)")
+
+
 def unit_float(batch: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) uint8 -> float32 in [0, 1]: the input that exported graphs take (our models take either)."""
     return batch.float().div_(255)
@@ -72,8 +78,7 @@ def add_inference_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--conf", type=float, help="score threshold (default: detect.conf_threshold)")
     parser.add_argument("--device", help="cpu, cuda, cuda:N or N (the same as --gpu; default: cuda:0 if available)")
     parser.add_argument("--half", action="store_true", help="fp16 weights and inputs (CUDA only)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model, weights frozen: faster per "
-                        "image after ~20 s of compilation per input shape on a CPU (needs a C++ compiler)")
+    add_compile_arg(parser)
     parser.add_argument("--out", type=Path, help="output folder (default: <logging.dir>/<tool>_<weights stem>)")
 
 

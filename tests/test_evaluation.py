@@ -84,6 +84,7 @@ def test_nms_on_the_best_first_keeps_the_best_survivors_of_nms_on_all():
         # first 5: every image runs again on all its candidates; 2000: no image has more; between: some may
         for first in (5, 50, 120, 400, 2000):
             kept = nms_best_first(boxes, scores, image, groups, 0.5, max_det, first, 256)
+            assert (scores[kept].diff() <= 0).all()  # best first, with or without a second pass
             kept = kept[top_per_image(image[kept], scores[kept], max_det)]
             assert kept.tolist() == expected.tolist(), (max_det, first, survivors)
     assert nms_best_first(boxes[:0], scores[:0], image[:0], groups[:0], 0.5, 100, 1000, 256).shape == (0,)

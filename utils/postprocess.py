@@ -82,7 +82,8 @@ def nms_best_first(boxes: torch.Tensor, scores: torch.Tensor, image: torch.Tenso
         rows = torch.nonzero(redo[image]).squeeze(1)
         again = rows[grouped_nms(boxes[rows], scores[rows], groups[rows], iou_threshold, chunk)]
         kept = torch.cat([kept[~redo[image[kept]]], again])
-    return kept[torch.argsort(scores[kept], descending=True, stable=True)]
+        kept = kept[torch.argsort(scores[kept], descending=True, stable=True)]  # two best-first lists into one
+    return kept  # grouped_nms's order (best first) where nothing ran again
 
 
 def postprocess(pred: torch.Tensor, conf_threshold: float = 0.001, nms_iou: float = 0.6, max_det: int = 100,

@@ -22,7 +22,7 @@ from datasets.loader import LoaderError, build_dataset, build_loader
 from utils.checkpoint import CheckpointError, load_model
 from utils.config import add_config_args, cli_config, config_to_dict
 from utils.evaluation import coco_evaluate, evaluate, rows_to_json, save_json
-from utils.inference import add_compile_arg, compile_for_inference
+from utils.inference import CompileError, add_compile_arg, compile_for_inference
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,8 +69,11 @@ def main(argv: list[str] | None = None) -> None:
     loader = build_loader(cfg, dataset, train=False, batch_size=cfg.eval.batch_size, device=device)
     model = model.to(device, memory_format=torch.channels_last)
     try:
-        result = evaluate(compile_for_inference(model) if args.compile else model, loader, cfg.eval, device,
-                          amp=args.amp)
+        model = compile_for_inference(model) if args.compile else model
+    except CompileError as e:
+        raise SystemExit(f"error: --compile: {e}") from e
+    try:
+        result = evaluate(model, loader, cfg.eval, device, amp=args.amp)
     except LoaderError as e:
         raise SystemExit(f"error: {e}") from e
 

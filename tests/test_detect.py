@@ -160,3 +160,12 @@ def test_compiled_model_gives_the_same_detections(tmp_path, weights):
     assert [(r["file_name"], r["category_id"]) for r in plain] == [(r["file_name"], r["category_id"]) for r in compiled]
     assert max(abs(a - b) for p, c in zip(plain, compiled, strict=True)
                for a, b in zip(p["bbox"], c["bbox"], strict=True)) < 1e-3
+
+
+def test_compile_without_a_cpp_compiler_says_what_to_install(tmp_path, weights, monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler++")
+    with pytest.raises(SystemExit, match=r"error: --compile: torch.compile needs a C\+\+ compiler: "
+                                         r"'no-such-compiler\+\+'"):
+        detect.main(["--weights", str(weights), "--source", str(VAL), *ARGS, "--out", str(tmp_path / "out"),
+                     "--compile"])
+    assert not (tmp_path / "out").exists()

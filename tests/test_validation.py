@@ -116,3 +116,14 @@ def test_compiled_model_gives_the_same_detections(tmp_path):
     assert [(d["image_id"], d["category_id"]) for d in plain] == [(d["image_id"], d["category_id"]) for d in compiled]
     assert max(abs(a - b) for p, c in zip(plain, compiled, strict=True) for a, b in zip(p["bbox"], c["bbox"],
                                                                                       strict=True)) < 1e-3
+
+
+def test_compile_without_a_cpp_compiler_says_what_to_install(tmp_path, monkeypatch):
+    weights = tmp_path / "last.pt"
+    tiny_checkpoint(weights)
+    monkeypatch.setenv("CXX", "no-such-compiler++")
+    with pytest.raises(SystemExit, match=r"error: --compile: torch.compile needs a C\+\+ compiler: "
+                                         r"'no-such-compiler\+\+' .* is not on the PATH; install one"):
+        validation.main(["--weights", str(weights), *DATA_ARGS, "--img-size", "64", "--subset", "2",
+                         "--out", str(tmp_path / "out"), "--compile"])
+    assert not (tmp_path / "out").exists()  # stopped before evaluating: nothing half-written

@@ -5,6 +5,8 @@ The same geometry as evaluation (datasets/transforms.py letterbox, utils/postpro
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,10 @@ def letterbox_batch(images: Sequence[np.ndarray], size: int) -> tuple[torch.Tens
     return torch.stack(tensors), metas
 
 
+class CompileError(RuntimeError):
+    """torch.compile cannot run on this machine (no C++ compiler); the message says what to install."""
+
+
 def compile_for_inference(model: torch.nn.Module) -> torch.nn.Module:
     """torch.compile (inductor) with the weights frozen as constants, for a model whose weights no longer change
     (validation, detection; never a model being trained or averaged). On this project's 2-core CPU it took the
@@ -41,7 +47,12 @@ def compile_for_inference(model: torch.nn.Module) -> torch.nn.Module:
 
     Freezing is switched on process-wide (torch._inductor.config.freezing): inductor reads it when it compiles,
     at the first call and at each recompilation, not in torch.compile(); torch.compile(options={"freezing": True})
-    measured no faster than eager here. The tools that call this compile nothing else."""
+    measured no faster than eager here. The tools that call this compile nothing else. Raises CompileError at once
+    where inductor's C++ compiler is missing (it would fail only at the first call, deep in a traceback)."""
+    compiler = os.environ.get("CXX") or "g++"  # what inductor runs on a CPU (and Triton's launcher needs a C one)
+    if shutil.which(compiler) is None:
+        raise CompileError(f"torch.compile needs a C++ compiler: {compiler!r} (the CXX environment variable, else "
+                           "g++) is not on the PATH; install one (e.g. apt install g++) or run without --compile")
     import torch._inductor.config as inductor_config
     inductor_config.freezing = True
     return torch.compile(model)
@@ -104,4 +115,7 @@ def inference_setup(args: argparse.Namespace) -> tuple[YOLO, Config, torch.devic
         raise SystemExit(f"error: {e}") from e
     model = model.fuse().to(device, memory_format=torch.channels_last)  # NHWC convs, as validation.py runs them
     model = model.half() if args.half else model
-    return (compile_for_inference(model) if args.compile else model), cfg, device
+    try:
+        return (compile_for_inference(model) if args.compile else model), cfg, device
+    except CompileError as e:
+        raise SystemExit(f"error: --compile: {e}") from e

@@ -15,14 +15,13 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from datasets.coco import DatasetError
 from datasets.loader import LoaderError, build_dataset, build_loader
 from utils.checkpoint import CheckpointError, load_model
 from utils.config import add_config_args, cli_config, config_to_dict
 from utils.evaluation import coco_evaluate, evaluate, rows_to_json, save_json
-from utils.inference import CompileError, add_compile_arg, compile_for_inference
+from utils.inference import CompileError, add_speed_args, ready_for_inference
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, help="folder for the result files (default: next to --weights)")
     parser.add_argument("--no-fuse", action="store_true", help="keep BatchNorm separate (default: fused)")
     parser.add_argument("--amp", action="store_true", help="fp16 autocast on CUDA")
-    add_compile_arg(parser)
+    add_speed_args(parser)
     return parser
 
 
@@ -67,9 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_fuse:
         model.fuse()
     loader = build_loader(cfg, dataset, train=False, batch_size=cfg.eval.batch_size, device=device)
-    model = model.to(device, memory_format=torch.channels_last)
     try:
-        model = compile_for_inference(model) if args.compile else model
+        model = ready_for_inference(model, device, cfg.data.img_size, args.compile, not args.no_pack)
     except CompileError as e:
         raise SystemExit(f"error: --compile: {e}") from e
     try:

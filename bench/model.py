@@ -3,9 +3,10 @@
     MALLOC_MMAP_THRESHOLD_=1000000000 MALLOC_TRIM_THRESHOLD_=1000000000 \\
         .venv/bin/python bench/model.py [--device cpu|cuda] [--size 416] [--repeats 5] [--quick]
 
-- forward: YOLOv3 at batch 1 and 8 in four forms (eval mode as trained; BN fused + inference_mode; + channels_last;
-  + bf16 autocast), then YOLOv3-tiny and the MobileNetV3 variants in the fastest form. FLOPs are counted by
-  torch.utils.flop_counter (2 per multiply-add), achieved GFLOP/s is divided by the conv ceiling.
+- forward: YOLOv3 at batch 1 and 8 in the FORMS below (eval mode as trained; BN fused + inference_mode;
+  + channels_last; + bf16 autocast on CPUs with native bf16; + fp16 autocast on CUDA; + conv weights packed for
+  oneDNN on CPUs, the tools' default there), then YOLOv3-tiny and the MobileNetV3 variants in the tools' form.
+  FLOPs are counted by torch.utils.flop_counter (2 per multiply-add), achieved GFLOP/s is divided by the conv ceiling.
 - train step: forward + loss + backward + optimiser (utils.engine.train_step), YOLOv3 at 416, batch 8 (64 with AMP
   on CUDA), its ratio counting 3x the forward FLOPs per image.
 - loss: target building + YOLOv3 loss forward, batch 8, 50 boxes per image, random raw maps.
@@ -37,15 +38,16 @@ from bench.common import (  # noqa: E402
     time_runs,
 )
 from models import build_model  # noqa: E402
+from models.packed import packing_available  # noqa: E402
 from models.yolo import YOLO  # noqa: E402
 from utils.config import EvalConfig, LossConfig  # noqa: E402
 from utils.engine import train_step  # noqa: E402
-from utils.inference import compile_for_inference  # noqa: E402
+from utils.inference import compile_for_inference, ready_for_inference  # noqa: E402
 from utils.loss import build_loss  # noqa: E402
 from utils.postprocess import postprocess  # noqa: E402
 
 FORMS = ("eval mode (as trained)", "BN fused, inference_mode", "fused + channels_last", "fused + channels_last + bf16",
-         "fused + channels_last + fp16")
+         "fused + channels_last + fp16", "fused + channels_last + packed weights")
 
 
 def forward_gflops(model: YOLO, size: int) -> float:
@@ -56,15 +58,22 @@ def forward_gflops(model: YOLO, size: int) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def prepared(arch: str, encoder: str, form: str, device: torch.device, num_classes: int = 80) -> YOLO:
-    """A seeded model of `arch`/`encoder` in one of FORMS (eval mode; fused and channels_last as the form says)."""
+def prepared(arch: str, encoder: str, form: str, device: torch.device, size: int = 416, num_classes: int = 80
+             ) -> YOLO:
+    """A seeded model of `arch`/`encoder` in one of FORMS (eval mode; fused, channels_last and packed for
+    (1, 3, size, size) inputs as the form says, by utils.inference.ready_for_inference as the tools do)."""
     torch.manual_seed(0)
     model = build_model(arch, encoder, num_classes).to(device).eval()
     if form != FORMS[0]:
         model.fuse()
     if "channels_last" in form:
-        model.to(memory_format=torch.channels_last)
+        model = ready_for_inference(model, device, size, pack="packed" in form)
     return model
+
+
+def fastest_form(device: torch.device) -> str:
+    """The fp32 form the tools run by default on `device`: packed weights on a CPU, plain channels_last on CUDA."""
+    return FORMS[5] if device.type == "cpu" and packing_available() else FORMS[2]
 
 
 def forward_seconds(model: YOLO, size: int, batch: int, form: str, device: torch.device, repeats: int,
@@ -229,11 +238,15 @@ def run(device: torch.device, size: int, repeats: int, quick: bool, compile_forw
             lines.append(f"| yolov3 | {form} | - | not run: fp16 autocast is the CUDA inference path "
                          "(validation.py --amp) | | |")
             continue
+        if "packed" in form and (device.type != "cpu" or not packing_available()):
+            lines.append(f"| yolov3 | {form} | - | not run: packing is the CPU path (oneDNN), and needs "
+                         "torch.ops.mkldnn | | |")
+            continue
         if "bf16" in form and device.type == "cpu" and not bf16_supported():
             lines.append(f"| yolov3 | {form} | - | not run: this CPU has no native bf16 (no avx512_bf16 / AMX); "
                          "bf16 would be emulated, slower than fp32 | | |")
             continue
-        model = prepared("yolov3", "darknet53", form, device)
+        model = prepared("yolov3", "darknet53", form, device, size)
         for batch in batches if not quick else batches[:1]:
             seconds, ceilings = forward_seconds(model, size, batch, form, device, repeats, probe)
             row, ratio = forward_row("yolov3", form, batch, gflops, seconds, ceilings, headline=True)
@@ -246,11 +259,12 @@ def run(device: torch.device, size: int, repeats: int, quick: bool, compile_forw
         lines += compiled_rows(size, batches if not quick else batches[:1], device, repeats, probe, gflops)
     for arch, encoder in (("yolov3-tiny", "darknet53"), ("yolov3", "mobilenet_v3_large"),
                           ("yolov3", "mobilenet_v3_small")):
-        model = prepared(arch, encoder, FORMS[2], device)
-        small_gflops = forward_gflops(model, size)
+        small_gflops = forward_gflops(prepared(arch, encoder, FORMS[1], device), size)  # packed convs count none
+        model = prepared(arch, encoder, fastest_form(device), device, size)
         for batch in batches:
-            seconds, ceilings = forward_seconds(model, size, batch, FORMS[2], device, repeats, probe)
-            lines.append(forward_row(f"{arch} {encoder}", FORMS[2], batch, small_gflops, seconds, ceilings)[0])
+            seconds, ceilings = forward_seconds(model, size, batch, fastest_form(device), device, repeats, probe)
+            lines.append(forward_row(f"{arch} {encoder}", fastest_form(device), batch, small_gflops, seconds,
+                                     ceilings)[0])
 
     amp = device.type == "cuda"
     batch = 64 if amp else 8

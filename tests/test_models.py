@@ -6,10 +6,12 @@ import pytest
 import torch
 import torchvision
 from torch.utils.flop_counter import FlopCounterMode
+from torchvision.ops.misc import Conv2dNormActivation
 
 from models import build_model
 from models.common import ConvBNLeaky
 from models.mobilenet import MobileNetV3Encoder
+from models.packed import PackedConv2d, pack_conv_weights, packing_available
 from models.yolo import HeadOutput, decode
 
 
@@ -231,3 +233,36 @@ def test_fused_channels_last_inference_matches_plain(arch, encoder):
     assert model.head32[-1].weight.is_contiguous(memory_format=torch.channels_last)
     assert (plain[0] - plain[1]).abs().max() > 1e-3
     torch.testing.assert_close(fast, plain, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not packing_available(), reason="this torch build has no oneDNN conv packing")
+@pytest.mark.parametrize("arch, encoder, convs", [("yolov3-tiny", "darknet53", 13), ("yolov3", "darknet53", 75),
+                                                  ("yolov3", "mobilenet_v3_small", 75)])
+def test_packed_convs_match_plain(arch, encoder, convs):
+    """Packed weights + fused activations (the CPU inference path) compute what the plain eval model does, at the
+    packed shape and at another batch and size; every conv is packed, every conv + activation pair fused."""
+    torch.manual_seed(0)
+    model = randomize_bn(build_model(arch, encoder, num_classes=3)).eval()
+    # conv + BN + activation blocks: every conv but the heads' outputs (and MobileNet's SE and linear projections)
+    fused = sum(isinstance(m, ConvBNLeaky) or (isinstance(m, Conv2dNormActivation) and len(m) == 3)
+                for m in model.modules())
+    x, other = torch.rand(1, 3, 64, 96), torch.rand(3, 3, 96, 64)
+    with torch.no_grad():
+        plain, plain_other = model(x), model(other)
+    model.fuse().to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        assert pack_conv_weights(model, x.contiguous(memory_format=torch.channels_last)) == convs
+        packed, packed_other = model(x), model(other)
+    layers = [m for m in model.modules() if isinstance(m, PackedConv2d)]
+    assert len(layers) == convs and not any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    assert sum(m.attr != "none" for m in layers) == fused
+    if encoder == "darknet53":  # every conv but the heads' output convs is conv + BN + leaky
+        assert fused == convs - len(model.strides)
+    torch.testing.assert_close(packed, plain, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(packed_other, plain_other, atol=1e-4, rtol=1e-4)
+
+
+def test_packing_refuses_a_training_model():
+    model = build_model("yolov3-tiny", num_classes=3)
+    with pytest.raises(ValueError, match="eval-mode"):
+        pack_conv_weights(model, torch.rand(1, 3, 64, 64))

@@ -1,5 +1,6 @@
 """validation.py end to end on the COCO fixture, with a checkpoint and with a Darknet .weights file."""
 import json
+import os
 import pickle
 import shutil
 
@@ -7,8 +8,10 @@ import pytest
 import torch
 from conftest import DATA
 
+import utils.inference
 import validation
 from models import build_model
+from models.packed import pack_conv_weights, packing_available
 from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from utils.config import config_to_dict, load_config
 
@@ -101,21 +104,32 @@ def test_checkpoint_write_is_atomic(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # and no temporary file is left
 
 
-@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("clang++")), reason="torch.compile on a CPU needs a C++ "
-                    "compiler (g++ or clang++)")
-def test_compiled_model_gives_the_same_detections(tmp_path):
+def test_packed_and_compiled_models_give_the_same_detections(tmp_path, monkeypatch):
+    """The default CPU path packs the conv weights (models/packed.py); --no-pack and --compile (where a C++
+    compiler is at hand) give the same detections."""
     weights = tmp_path / "last.pt"
     tiny_checkpoint(weights)
+    packed_counts = []
+
+    def counting_pack(*args):
+        packed_counts.append(pack_conv_weights(*args))
+        return packed_counts[-1]
+    monkeypatch.setattr(utils.inference, "pack_conv_weights", counting_pack)
+    variants = [("unpacked", ["--no-pack"]), ("packed", [])]
+    if shutil.which(os.environ.get("CXX") or "g++"):
+        variants.append(("compiled", ["--compile"]))
     results = {}
-    for name, extra in (("plain", []), ("compiled", ["--compile"])):
+    for name, extra in variants:
         validation.main(["--weights", str(weights), *DATA_ARGS, "--img-size", "64", "--subset", "4", "--conf",
                          "0.00005", "--save-json", "--out", str(tmp_path / name), *extra])
         results[name] = json.loads((tmp_path / name / "last_val64_detections.json").read_text())
-    plain, compiled = results["plain"], results["compiled"]
-    assert len(plain) == len(compiled) > 0
-    assert [(d["image_id"], d["category_id"]) for d in plain] == [(d["image_id"], d["category_id"]) for d in compiled]
-    assert max(abs(a - b) for p, c in zip(plain, compiled, strict=True) for a, b in zip(p["bbox"], c["bbox"],
-                                                                                      strict=True)) < 1e-3
+    assert packed_counts == ([13] if packing_available() else [])  # yolov3-tiny's 13 convs, by the default only
+    plain = results.pop("unpacked")
+    assert len(plain) > 0
+    for other in results.values():
+        assert [(d["image_id"], d["category_id"]) for d in plain] == [(d["image_id"], d["category_id"]) for d in other]
+        assert max(abs(a - b) for p, c in zip(plain, other, strict=True)
+                   for a, b in zip(p["bbox"], c["bbox"], strict=True)) < 1e-3
 
 
 def test_compile_without_a_cpp_compiler_says_what_to_install(tmp_path, monkeypatch):

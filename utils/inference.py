@@ -16,6 +16,7 @@ import torch
 
 from datasets.transforms import Preprocess
 from models import YOLO
+from models.packed import pack_conv_weights, packing_available
 from utils.checkpoint import CheckpointError, load_model
 from utils.config import Config, ConfigError, EvalConfig, add_config_args, cli_config, device_to_gpu
 from utils.postprocess import postprocess, to_original_pixels
@@ -58,10 +59,26 @@ def compile_for_inference(model: torch.nn.Module) -> torch.nn.Module:
     return torch.compile(model)
 
 
-def add_compile_arg(parser: argparse.ArgumentParser) -> None:
-    """--compile, for the tools that run a trained model (validation.py, detect.py, visualization.py)."""
+def add_speed_args(parser: argparse.ArgumentParser) -> None:
+    """--compile and --no-pack, for the tools that run a trained model (validation.py, detect.py, visualization.py)."""
     parser.add_argument("--compile", action="store_true", help="torch.compile the model, weights frozen: faster per "
                         "image after ~20 s of compilation per input shape on a CPU (needs a C++ compiler)")
+    parser.add_argument("--no-pack", action="store_true", help="on a CPU, run the plain convs (default: weights "
+                        "packed for oneDNN once, activations fused; the same outputs, ~10%% faster at batch 1)")
+
+
+def ready_for_inference(model: YOLO, device: torch.device, size: int, compile: bool = False, pack: bool = True
+                        ) -> torch.nn.Module:
+    """An eval-mode model (BN fused or not) as the tools run it: channels_last on `device`, then compiled
+    (`compile`), or on a CPU in fp32 with its conv weights packed for oneDNN (`pack`, models/packed.py; packed for
+    (1, 3, size, size) inputs, other shapes run too). Raises CompileError where `compile` cannot run."""
+    model = model.eval().to(device, memory_format=torch.channels_last)
+    if compile:
+        return compile_for_inference(model)
+    if pack and device.type == "cpu" and packing_available():  # the tools autocast on CUDA only
+        with torch.inference_mode():
+            pack_conv_weights(model, torch.zeros(1, 3, size, size).contiguous(memory_format=torch.channels_last))
+    return model
 
 
 def unit_float(batch: torch.Tensor) -> torch.Tensor:
@@ -89,14 +106,14 @@ def add_inference_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--conf", type=float, help="score threshold (default: detect.conf_threshold)")
     parser.add_argument("--device", help="cpu, cuda, cuda:N or N (the same as --gpu; default: cuda:0 if available)")
     parser.add_argument("--half", action="store_true", help="fp16 weights and inputs (CUDA only)")
-    add_compile_arg(parser)
+    add_speed_args(parser)
     parser.add_argument("--out", type=Path, help="output folder (default: <logging.dir>/<tool>_<weights stem>)")
 
 
 def inference_setup(args: argparse.Namespace) -> tuple[YOLO, Config, torch.device]:
-    """Parsed add_inference_args options -> the fused eval-mode channels_last model on its device (fp16 with
-    --half, compiled with --compile), the config whose `model` section describes it, and the device; a bad option,
-    config or weights file exits with one line."""
+    """Parsed add_inference_args options -> the fused model as ready_for_inference makes it (fp16 with --half),
+    the config whose `model` section describes it, and the device; a bad option, config or weights file exits
+    with one line."""
     # the options are shorthands for config keys, so the config's checks and messages apply to them
     for key, value in (("data.img_size", args.img_size), ("detect.conf_threshold", args.conf)):
         if value is not None:
@@ -113,9 +130,8 @@ def inference_setup(args: argparse.Namespace) -> tuple[YOLO, Config, torch.devic
         model, cfg = load_model(args.weights, cfg)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from e
-    model = model.fuse().to(device, memory_format=torch.channels_last)  # NHWC convs, as validation.py runs them
-    model = model.half() if args.half else model
+    model = model.fuse().half() if args.half else model.fuse()
     try:
-        return (compile_for_inference(model) if args.compile else model), cfg, device
+        return ready_for_inference(model, device, cfg.data.img_size, args.compile, not args.no_pack), cfg, device
     except CompileError as e:
         raise SystemExit(f"error: --compile: {e}") from e

@@ -69,7 +69,8 @@ def summary(figures: dict[str, float], device: str) -> list[str]:
     for key, label, goal, higher in CPU_GOALS:
         value = figures[key]
         met = value >= goal if higher else value <= goal
-        lines.append(f"| {label} | {'>=' if higher else '<='} {goal:g} | {value:.3g} | {'yes' if met else '**no**'} |")
+        shown = f"{value:.3g}" if (float(f"{value:.3g}") == goal) == (value == goal) else f"{value:.5g}"  # 1.7996
+        lines.append(f"| {label} | {'>=' if higher else '<='} {goal:g} | {shown} | {'yes' if met else '**no**'} |")
     return lines
 
 

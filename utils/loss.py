@@ -168,11 +168,12 @@ class YOLOLoss(nn.Module):
         slot = slot[head, index]
         per_head = torch.tensor([(h, w, s) for (h, w), s in zip(grid_sizes, self.strides, strict=True)],
                                 device=device)
-        height, width, stride = per_head[head].unbind(1)
-        image = targets[index, 0].long()
+        height, width, stride = per_head.index_select(0, head).unbind(1)
+        image, _, cx, cy, _, _ = targets.index_select(0, index).unbind(1)  # one gather, not one per column
         # Darknet: i = (truth.x * l.w), j = (truth.y * l.h); clamped for centres on or outside the border
-        col = torch.minimum((targets[index, 2] / stride).floor().long().clamp(min=0), width - 1)
-        row = torch.minimum((targets[index, 3] / stride).floor().long().clamp(min=0), height - 1)
+        col = torch.minimum((cx / stride).floor().long().clamp(min=0), width - 1)
+        row = torch.minimum((cy / stride).floor().long().clamp(min=0), height - 1)
+        image = image.long()
         positives = torch.stack([head, index, image, slot, row, col], 1)
         # one key per (head, slot, image, row, column), increasing in that order (2**32 > any image * cells)
         win = keep_last((head * self.num_anchors + slot) * 2**32 + self.cell_index(positives, grid_sizes))
@@ -286,23 +287,25 @@ class YOLOLoss(nn.Module):
         # each candidate row, enumerated without a loop, and the columns the joint bound leaves in it
         window, row_offset = ragged_arange((row_high - row_low + 1).flatten())  # (R,) window: head * K + gt
         head, gt = window // len(targets), window % len(targets)
-        row = row_low.flatten()[window] + row_offset
-        row_stride = stride[head, 0]
-        dy = (row * row_stride - cy[gt]).clamp(min=0) + (cy[gt] - (row + 1) * row_stride).clamp(min=0)  # nearest
-        reach_x = w[gt] * ((self.ignore_joint / (1 + 2 * dy / h[gt]) - 1) / 2).clamp(max=self.ignore_reach)
-        last_col = heads[head, 2]
-        col_low = ((cx[gt] - reach_x) / row_stride - 1e-3).floor().long().clamp(min=0).minimum(last_col)
-        col_high = ((cx[gt] + reach_x) / row_stride + 1e-3).floor().long().clamp(min=0).minimum(last_col)
+        row = row_low.flatten().index_select(0, window) + row_offset
+        # one gather of each table per candidate row (indexing column by column costs an op per column)
+        row_stride, _, last_col, width, first_cell = heads.index_select(0, head).unbind(1)  # exact integers
+        image, _, gt_cx, gt_cy, gt_w, gt_h = targets.index_select(0, gt).unbind(1)
+        dy = (row * row_stride - gt_cy).clamp(min=0) + (gt_cy - (row + 1) * row_stride).clamp(min=0)  # nearest
+        reach_x = gt_w * ((self.ignore_joint / (1 + 2 * dy / gt_h) - 1) / 2).clamp(max=self.ignore_reach)
+        col_low = ((gt_cx - reach_x) / row_stride - 1e-3).floor().long().clamp(min=0).minimum(last_col)
+        col_high = ((gt_cx + reach_x) / row_stride + 1e-3).floor().long().clamp(min=0).minimum(last_col)
         length = (col_high - col_low + 1).clamp(min=0)  # (R,) 0 where even the nearest centre is too far
-        start = targets[gt, 0].long() * sum(planes) + heads[head, 4] + row * heads[head, 3] + col_low
+        start = image.long() * sum(planes) + first_cell + row * width + col_low
         # the cells of a row have consecutive indices: cell = start of its row + its position in the row
         cell = torch.repeat_interleave(start - (length.cumsum(0) - length), length)  # (M,)
         cell += torch.arange(len(cell), device=device)
         gt = torch.repeat_interleave(gt, length)  # (M,)
 
         gt_xyxy = box_cxcywh_to_xyxy(targets[:, 2:6]).T.contiguous()  # (4, K)
-        candidates = pred.index_select(1, cell).view(4, num_anchors, -1)  # (4, A, M)
-        iou = paired_box_iou_xyxy(candidates, gt_xyxy.index_select(1, gt)[:, None])  # (A, M)
+        # gather with an expanded index: 2.3x faster than index_select along dim 1 on CPU (152 vs 352 us here)
+        candidates = pred.gather(1, cell.expand(len(pred), -1)).view(4, num_anchors, -1)  # (4, A, M)
+        iou = paired_box_iou_xyxy(candidates, gt_xyxy.gather(1, gt.expand(4, -1))[:, None])  # (A, M)
         # a prediction can be a candidate of several ground truths: count its hits (exact, order-free), test > 0
         hits = torch.zeros(num_anchors, pred.shape[1], device=device)
         hits.index_add_(1, cell, (iou > self.ignore_threshold).to(hits.dtype))

@@ -59,8 +59,8 @@ class PackedConv2d(nn.Module):
 def pack_conv_weights(model: nn.Module, example: torch.Tensor) -> int:
     """Replace every nn.Conv2d of `model` (eval mode, on the CPU) by a PackedConv2d, in place, fusing the activation
     that directly follows it in an nn.Sequential (after BN folding; an unfolded BN in between keeps it apart);
-    returns the number packed. `example` (B, 3, H, W)
-    is run once to learn each conv's input shape, which picks oneDNN's layout; other shapes run too."""
+    returns the number packed. `example` (B, 3, H, W) is run once to learn each conv's input shape, which picks
+    oneDNN's layout; other shapes run too."""
     if not packing_available():
         raise RuntimeError(f"torch {torch.__version__} has no oneDNN conv packing (torch.ops.mkldnn."
                            "_reorder_convolution_weight / _convolution_pointwise); run the model unpacked")

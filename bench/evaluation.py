@@ -28,6 +28,7 @@ from models import build_model  # noqa: E402
 from models.yolo import HeadOutput  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.evaluation import coco_evaluate, evaluate  # noqa: E402
+from utils.inference import ready_for_inference  # noqa: E402
 
 
 def run(root: str, size: int, arch: str, batch: int) -> tuple[list[str], dict[str, float]]:
@@ -36,20 +37,27 @@ def run(root: str, size: int, arch: str, batch: int) -> tuple[list[str], dict[st
                       [f"data.root={root}", f"data.img_size={size}", "data.workers=1", f"model.arch={arch}"])
     dataset = build_dataset(cfg, "val")
     loader = build_loader(cfg, dataset, train=False, batch_size=batch)
-    torch.manual_seed(0)
-    model = build_model(cfg.model.arch, num_classes=len(dataset.class_names)).fuse()
+
+    def validation_model(worst: bool) -> torch.nn.Module:
+        """The seeded model as validation.py runs it (fused, channels_last, packed on a CPU); with `worst`, every
+        score above the threshold (head biases set before packing, which copies the weights)."""
+        torch.manual_seed(0)
+        model = build_model(cfg.model.arch, num_classes=len(dataset.class_names)).fuse()
+        if worst:
+            with torch.no_grad():
+                for head in (m for m in model.modules() if isinstance(m, HeadOutput)):
+                    head.bias.view(head.num_anchors, -1)[:, 4:] = 5.0  # sigmoid(5) = 0.993: everything passes
+        return ready_for_inference(model, torch.device("cpu"), size)
+
     lines = [f"Machine: {machine(torch.device('cpu'))}", "",
              f"{len(dataset)} val images of {root}, {arch} at {size}, batch {batch}, 1 loader worker, conf "
              f"{cfg.eval.conf_threshold}, max_candidates {cfg.eval.max_candidates}", "",
              "| scores | detections | data s | model s | post-processing s | COCOeval s | post / model |",
              "|---|---|---|---|---|---|---|"]
-    evaluate(model, loader, cfg.eval, torch.device("cpu"), progress=False)  # warm-up
+    evaluate(validation_model(False), loader, cfg.eval, torch.device("cpu"), progress=False)  # warm-up
     figures: dict[str, float] = {}
     for name in ("priors", "worst case"):
-        if name == "worst case":
-            with torch.no_grad():
-                for head in (m for m in model.modules() if isinstance(m, HeadOutput)):
-                    head.bias.view(head.num_anchors, -1)[:, 4:] = 5.0  # sigmoid(5) = 0.993: everything passes
+        model = validation_model(worst=name == "worst case")
         result = evaluate(model, loader, cfg.eval, torch.device("cpu"), progress=False)
         s = result.seconds
         lines.append(f"| {name} | {len(result.rows)} | {s['data']:.2f} | {s['model']:.2f} | "

@@ -76,8 +76,7 @@ def ready_for_inference(model: YOLO, device: torch.device, size: int, compile: b
     if compile:
         return compile_for_inference(model)
     if pack and device.type == "cpu" and packing_available():  # the tools autocast on CUDA only
-        with torch.inference_mode():
-            pack_conv_weights(model, torch.zeros(1, 3, size, size).contiguous(memory_format=torch.channels_last))
+        pack_conv_weights(model, torch.zeros(1, 3, size, size).contiguous(memory_format=torch.channels_last))
     return model
 
 

@@ -114,7 +114,7 @@ def postprocess(pred: torch.Tensor, conf_threshold: float = 0.001, nms_iou: floa
         c = best_class[b, n, 0]
     boxes = box_cxcywh_to_xyxy(pred[b, n, :4])
     keep = nms_best_first(boxes, s, b, b * num_classes + c, nms_iou, max_det, NMS_FIRST * max_det,
-                          NMS_CHUNK.get(boxes.device.type, 256))
+                          NMS_CHUNK.get(boxes.device.type, NMS_CHUNK["cpu"]))
     keep = keep[top_per_image(b[keep], s[keep], max_det)]
     return torch.cat([b[keep, None].to(boxes.dtype), boxes[keep], s[keep, None], c[keep, None].to(boxes.dtype)], 1)
 

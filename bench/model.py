@@ -83,13 +83,20 @@ def forward_seconds(model: YOLO, size: int, batch: int, form: str, device: torch
     x = torch.rand(batch, 3, size, size, device=device)
     if "channels_last" in form:
         x = x.contiguous(memory_format=torch.channels_last)
+    seconds, ceilings = time_paired(forward_fn(model, x, form, device), repeats, probe, device=device)
+    return [s / batch for s in seconds], ceilings
+
+
+def forward_fn(model: torch.nn.Module, x: torch.Tensor, form: str, device: torch.device
+               ) -> Callable[[], torch.Tensor]:
+    """model(x) under inference_mode, with bf16 / fp16 autocast where `form` names it, as a function of no
+    arguments."""
     dtype = torch.float16 if "fp16" in form else torch.bfloat16
 
     def run() -> torch.Tensor:
         with torch.inference_mode(), torch.autocast(device.type, dtype, enabled="bf16" in form or "fp16" in form):
             return model(x)
-    seconds, ceilings = time_paired(run, repeats, probe, device=device)
-    return [s / batch for s in seconds], ceilings
+    return run
 
 
 def train_step_fn(size: int, batch: int, device: torch.device, amp: bool) -> Callable[[], object]:
@@ -109,12 +116,8 @@ def train_step_fn(size: int, batch: int, device: torch.device, amp: bool) -> Cal
 def cudnn_benchmark_rows(size: int, device: torch.device, repeats: int) -> list[str]:
     """Table rows (CUDA): the AMP training step at batch 64 and the fp16 forward at batch 32 with
     torch.backends.cudnn.benchmark off and on, in alternating rounds (each flag warmed up, autotuning included)."""
-    model = prepared("yolov3", "darknet53", FORMS[4], device)
     x = torch.rand(32, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
-
-    def forward() -> torch.Tensor:
-        with torch.inference_mode(), torch.autocast(device.type, torch.float16):
-            return model(x)
+    forward = forward_fn(prepared("yolov3", "darknet53", FORMS[4], device, size), x, FORMS[4], device)
     rows = []
     for name, fn in (("training step, AMP fp16, batch 64", train_step_fn(size, 64, device, amp=True)),
                      ("forward, fused + channels_last + fp16, batch 32", forward)):
@@ -257,14 +260,14 @@ def run(device: torch.device, size: int, repeats: int, quick: bool, compile_forw
                                                       1000 * statistics.median(seconds))
     if compile_forward:
         lines += compiled_rows(size, batches if not quick else batches[:1], device, repeats, probe, gflops)
+    tools_form = fastest_form(device)
     for arch, encoder in (("yolov3-tiny", "darknet53"), ("yolov3", "mobilenet_v3_large"),
                           ("yolov3", "mobilenet_v3_small")):
         small_gflops = forward_gflops(prepared(arch, encoder, FORMS[1], device), size)  # packed convs count none
-        model = prepared(arch, encoder, fastest_form(device), device, size)
+        model = prepared(arch, encoder, tools_form, device, size)
         for batch in batches:
-            seconds, ceilings = forward_seconds(model, size, batch, fastest_form(device), device, repeats, probe)
-            lines.append(forward_row(f"{arch} {encoder}", fastest_form(device), batch, small_gflops, seconds,
-                                     ceilings)[0])
+            seconds, ceilings = forward_seconds(model, size, batch, tools_form, device, repeats, probe)
+            lines.append(forward_row(f"{arch} {encoder}", tools_form, batch, small_gflops, seconds, ceilings)[0])
 
     amp = device.type == "cuda"
     batch = 64 if amp else 8

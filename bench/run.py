@@ -69,7 +69,9 @@ def summary(figures: dict[str, float], device: str) -> list[str]:
     for key, label, goal, higher in CPU_GOALS:
         value = figures[key]
         met = value >= goal if higher else value <= goal
-        shown = f"{value:.3g}" if (float(f"{value:.3g}") == goal) == (value == goal) else f"{value:.5g}"  # 1.7996
+        shown = f"{value:.3g}"
+        if float(shown) == goal != value:  # 1.7996 would read "1.8" beside ">= 1.8 | no"
+            shown = f"{value:.5g}"
         lines.append(f"| {label} | {'>=' if higher else '<='} {goal:g} | {shown} | {'yes' if met else '**no**'} |")
     return lines
 

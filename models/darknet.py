@@ -1,6 +1,7 @@
 """Darknet-53 (yolov3.cfg layers 0-74), YOLOv3-tiny's backbone, and Darknet's binary .weights format."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,7 +113,8 @@ def conv_layer_tensors(layer: nn.Module) -> list[torch.Tensor]:
 
 
 def _read_header(f, path: Path) -> DarknetHeader:  # noqa: ANN001 (binary file object)
-    """Read the 12- or 16-byte header from an open .weights file."""
+    """Read the 16- or 20-byte header (Darknet's rule) from an open .weights file; load_darknet_weights also accepts
+    the 20-byte five-int32 header some PyTorch ports write for versions below 0.2."""
     raw = f.read(12)
     if len(raw) < 12:
         raise ValueError(f"{path}: {len(raw)} bytes, too short for a Darknet .weights header (12-16 bytes)")
@@ -149,9 +151,23 @@ def load_darknet_weights(layers: list[nn.Module], path: str | Path,
     sizes = {name: sum(t.numel() for layer in layers[:n] for t in conv_layer_tensors(layer))
              for name, n in parts.items()}
     matches = [name for name, size in sizes.items() if size == values.size]
+    # Some PyTorch ports write five int32 (major, minor, revision, seen, 0): 20 bytes where Darknet's rule says 16
+    # (int32 `seen` below version 0.2). Tried only when Darknet's own layout fits no part of the model.
+    five_int32 = not header.seen_is_int64 and values.size >= 1
+    if not matches and five_int32:
+        matches = [name for name, size in sizes.items() if size == values.size - 1]
+        if matches:
+            fifth = int(np.frombuffer(payload[:4], "<i4")[0])
+            warnings.warn(f"{path}: the header is 20 bytes (five int32: {header.major}, {header.minor}, "
+                          f"{header.revision}, seen {header.seen}, {fifth}), as some PyTorch ports write it, instead "
+                          f"of Darknet's 16 for version {header.major}.{header.minor} (three int32 and an int32 seen); "
+                          "loaded with the 20-byte header", UserWarning, stacklevel=3)
+            values = values[1:]
     if not matches:
         expected = ", ".join(f"{size:,} for the {name} ({parts[name]} conv layers)" for name, size in sizes.items())
-        raise ValueError(f"{path}: holds {values.size:,} float32 weights, but this model expects {expected}. "
+        tried = (f" ({values.size - 1:,} if the header is the 20-byte five-int32 variant some PyTorch ports write; "
+                 "that fits neither)") if five_int32 else ""
+        raise ValueError(f"{path}: holds {values.size:,} float32 weights{tried}, but this model expects {expected}. "
                          "Is it the file for this architecture and number of classes?")
     part = matches[0]
 

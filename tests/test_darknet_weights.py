@@ -2,6 +2,7 @@
 import os
 import shutil
 import subprocess
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -143,6 +144,94 @@ def test_short_header_and_missing_file(tmp_path):
 def test_mobilenet_has_no_darknet_format(tmp_path):
     with pytest.raises(ValueError, match="no Darknet weights format"):
         build_model("yolov3", "mobilenet_v3_small").load_darknet_weights(tmp_path / "x.weights")
+
+
+def five_int32_file(path, standard_file, seen, major=0, minor=0, revision=0, fifth=0):
+    """Rewrite a version-0.2 file's 20-byte header (3 int32 + int64 seen) as five int32, as some PyTorch ports do."""
+    data = standard_file.read_bytes()
+    path.write_bytes(np.array([major, minor, revision, seen, fifth], "<i4").tobytes() + data[20:])
+    return path
+
+
+def header_warnings(caught, path):
+    return [w for w in caught if path.name in str(w.message)]
+
+
+def test_five_int32_header_loads_with_a_warning(cfg_convs, tmp_path):
+    source = build_model("yolov3-tiny", num_classes=80)
+    source.load_darknet_weights(write_weights(tmp_path / "random.weights",
+                                              random_floats(darknet_float_count(cfg_convs["yolov3-tiny"]), seed=5)))
+    source.save_darknet_weights(tmp_path / "standard.weights")
+    path = five_int32_file(tmp_path / "port.weights", tmp_path / "standard.weights", seen=4242)
+    assert path.stat().st_size == 20 + 4 * darknet_float_count(cfg_convs["yolov3-tiny"])  # Darknet's rule: 16 + ...
+
+    model = build_model("yolov3-tiny", num_classes=80)
+    with pytest.warns(UserWarning, match=r"port\.weights: the header is 20 bytes \(five int32.*PyTorch ports.*"
+                                         r"instead of Darknet's 16"):
+        assert model.load_darknet_weights(path) == "full model"
+    expected, got = source.state_dict(), model.state_dict()
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(v, got[k]) for k, v in expected.items())
+    header = model.darknet_header
+    assert (header.major, header.minor, header.revision, header.seen) == (0, 0, 0, 4242)
+
+    # saving writes Darknet's standard header again (version 0.0: int32 seen, 16 bytes), same floats
+    model.save_darknet_weights(tmp_path / "resaved.weights")
+    resaved = (tmp_path / "resaved.weights").read_bytes()
+    assert resaved == np.array([0, 0, 0, 4242], "<i4").tobytes() + path.read_bytes()[20:]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build_model("yolov3-tiny").load_darknet_weights(tmp_path / "resaved.weights")
+    assert not header_warnings(caught, tmp_path / "resaved.weights")
+
+
+def test_five_int32_header_on_a_backbone_file(cfg_convs, tmp_path):
+    floats = random_floats(darknet_float_count(cfg_convs["yolov3"][:52]), seed=6)
+    standard = write_weights(tmp_path / "standard.conv.74", floats)
+    path = five_int32_file(tmp_path / "darknet53.conv.74", standard, seen=7, minor=1, fifth=99)
+    model = build_model("yolov3")
+    with pytest.warns(UserWarning, match="darknet53.conv.74: the header is 20 bytes"):
+        assert model.load_darknet_weights(path) == "darknet53.conv.74"
+    last_backbone = model.encoder.stage5[-1].expand.conv.weight
+    assert torch.equal(last_backbone.flatten(), torch.from_numpy(floats[-last_backbone.numel():]))
+    assert torch.equal(model.encoder.stem.bn.bias, torch.from_numpy(floats[:32]))
+    assert (model.darknet_header.minor, model.darknet_header.seen) == (1, 7)
+
+
+@pytest.mark.parametrize("extra", [-2, 1, 2])
+def test_file_fitting_neither_header_is_refused(extra, cfg_convs, tmp_path):
+    n = darknet_float_count(cfg_convs["yolov3-tiny"])
+    # version 0.0, int32 seen: n + 1 + extra floats after Darknet's 16 bytes = n + extra after a 20-byte header
+    path = write_weights(tmp_path / "bad.weights", random_floats(n + 1 + extra), major=0, minor=0)
+    model = build_model("yolov3-tiny")
+    before = state(model)
+    with pytest.raises(ValueError, match=rf"holds {n + 1 + extra:,} float32 weights \({n + extra:,} if the header is "
+                                         rf"the 20-byte five-int32 variant.*this model expects {n:,} for the full"):
+        model.load_darknet_weights(path)
+    after = state(model)
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+
+
+def test_version_02_file_does_not_try_five_int32(cfg_convs, tmp_path):
+    """From version 0.2 Darknet's header is already 20 bytes: one float too many is simply wrong."""
+    n = darknet_float_count(cfg_convs["yolov3-tiny"])
+    path = write_weights(tmp_path / "bad.weights", random_floats(n + 1))
+    with pytest.raises(ValueError, match=rf"holds {n + 1:,} float32 weights, but") as err:
+        build_model("yolov3-tiny").load_darknet_weights(path)
+    assert "five-int32" not in str(err.value)
+
+
+@pytest.mark.parametrize("minor", [0, 1, 2])
+def test_standard_file_gives_no_warning(minor, cfg_convs, tmp_path):
+    floats = random_floats(darknet_float_count(cfg_convs["yolov3-tiny"]))
+    path = write_weights(tmp_path / "standard.weights", floats, minor=minor, seen=77)
+    model = build_model("yolov3-tiny")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert model.load_darknet_weights(path) == "full model"
+    assert not header_warnings(caught, path)
+    assert model.darknet_header.seen == 77
+    assert torch.equal(model.encoder.stage16[0].bn.bias, torch.from_numpy(floats[:16]))
 
 
 SCRIPT = ROOT / "models" / "weights" / "download_darknet_weights.sh"

@@ -13,12 +13,12 @@ import argparse
 import torch
 
 from datasets.coco import CocoDetection, DatasetError, collate
+from datasets.coco_eval import coco_evaluate, to_coco_rows
 from datasets.transforms import Preprocess
 from models import build_model
-from utils.config import add_config_args, parse_cli
-from utils.evaluation import coco_evaluate, to_coco_rows
-from utils.loss import build_loss
-from utils.postprocess import postprocess, to_original_pixels
+from models.loss import build_loss
+from models.postprocess import postprocess, to_original_pixels
+from utils.cli import add_config_args, parse_cli
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

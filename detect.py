@@ -28,10 +28,10 @@ import torch
 from tqdm import tqdm
 
 from datasets.coco import DatasetError, class_table
+from datasets.coco_eval import rows_to_json, save_json, to_coco_rows
 from datasets.sources import IMAGE_EXTENSIONS, Frame, Source, find_sources, read_frames
+from inference import add_inference_args, detect, inference_setup
 from utils.boxes import box_xyxy_to_cxcywh
-from utils.evaluation import rows_to_json, save_json, to_coco_rows
-from utils.inference import add_inference_args, detect, inference_setup
 from utils.plots import draw_boxes
 
 

@@ -14,7 +14,7 @@ BatchNorm is folded into the convs first. Files go into --out (default: next to 
 - <stem>.torchscript: the same input and output as the ONNX file without --nms; any batch and size.
 Each file is then run (onnxruntime on the CPU, torch.jit.load) on --image (default: the first image of
 data.val_images) letterboxed to the input size, as a batch of 1 and of 3 (with its mirror images), and at a second
-size where the file allows it, and compared with the unfused PyTorch model (for --nms: with utils/postprocess.py on
+size where the file allows it, and compared with the unfused PyTorch model (for --nms: with models/postprocess.py on
 its output). The largest absolute differences are printed; one above --atol (probabilities and scores; boxes as a
 fraction of the input side) fails the run with exit status 1. Everything runs on the CPU.
 """
@@ -29,9 +29,8 @@ import numpy as np
 import torch
 
 from datasets.sources import UnreadableError, find_sources, read_image
-from utils.checkpoint import CheckpointError, load_model
-from utils.config import Config, add_config_args, cli_config
-from utils.export import (
+from inference import letterbox_batch, unit_float
+from models.deploy import (
     MIN_OPSET,
     detection_diffs,
     export_onnx,
@@ -40,8 +39,11 @@ from utils.export import (
     load_torchscript,
     prediction_diffs,
 )
-from utils.inference import letterbox_batch, unit_float
-from utils.postprocess import postprocess
+from models.postprocess import postprocess
+from models.transfer import load_model
+from utils.checkpoint import CheckpointError
+from utils.cli import add_config_args, cli_config
+from utils.config import Config
 
 FORMATS = ("onnx", "torchscript")
 
@@ -148,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     checks = {}
     if "onnx" in files:
         onnx_inputs = {k: x for k, x in inputs.items() if args.dynamic_size or x.shape[-1] == size}
-        if nms:  # what the graph computes: utils/postprocess.py with multi_label and no candidate cap
+        if nms:  # what the graph computes: models/postprocess.py with multi_label and no candidate cap
             expected = {k: postprocess(predictions[k], *nms, max_candidates=predictions[k][0].numel(),
                                        multi_label=True) for k in onnx_inputs}
         checks["onnx"] = compare("onnx", load_onnx(files["onnx"]), onnx_inputs, expected if nms else predictions,

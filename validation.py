@@ -17,11 +17,14 @@ from pathlib import Path
 import numpy as np
 
 from datasets.coco import DatasetError
+from datasets.coco_eval import coco_evaluate, rows_to_json, save_json
 from datasets.loader import LoaderError, build_dataset, build_loader
-from utils.checkpoint import CheckpointError, load_model
-from utils.config import add_config_args, cli_config, config_to_dict
-from utils.evaluation import coco_evaluate, evaluate, rows_to_json, save_json
-from utils.inference import CompileError, add_speed_args, ready_for_inference
+from engine import evaluate
+from inference import CompileError, add_speed_args, ready_for_inference
+from models.transfer import load_model
+from utils.checkpoint import CheckpointError
+from utils.cli import add_config_args, cli_config
+from utils.config import config_to_dict
 
 
 def build_parser() -> argparse.ArgumentParser:

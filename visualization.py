@@ -22,8 +22,8 @@ from tqdm import tqdm
 from datasets.coco import DatasetError, class_table
 from datasets.loader import build_dataset
 from datasets.sources import find_sources, read_frames
+from inference import add_inference_args, detect, inference_setup
 from utils.config import Config
-from utils.inference import add_inference_args, detect, inference_setup
 from utils.plots import draw_boxes, draw_true_boxes, image_grid
 
 DEFAULT_IMAGES = 8  # dataset images drawn without --images
@@ -49,7 +49,7 @@ def dataset_images(cfg: Config, split: str, count: int, gt: bool) -> tuple[list[
     try:
         dataset = build_dataset(cfg, split)
         ids = dataset.ids[:count]
-        images = [dataset._load_image(i) for i in ids]
+        images = [dataset.load_image(i) for i in ids]
     except (OSError, DatasetError) as e:
         raise SystemExit(f"error: {e}") from e
     if gt:

@@ -53,7 +53,7 @@ def stages(dataset, size: int, repeats: int, batch: int = 16) -> dict[str, float
     for _ in range(repeats):
         for image_id in dataset.ids:
             t = time.perf_counter()
-            image = dataset._load_image(image_id)
+            image = dataset.load_image(image_id)
             totals["decode (cv2.imread, RGB)"] += time.perf_counter() - t
             t = time.perf_counter()
             image, scale_x, scale_y = resize_to_fit(image, size)

@@ -23,12 +23,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import emit, machine  # noqa: E402
+from datasets.coco_eval import coco_evaluate  # noqa: E402
 from datasets.loader import build_dataset, build_loader  # noqa: E402
+from engine import evaluate  # noqa: E402
+from inference import ready_for_inference  # noqa: E402
 from models import build_model  # noqa: E402
 from models.yolo import HeadOutput  # noqa: E402
 from utils.config import load_config  # noqa: E402
-from utils.evaluation import coco_evaluate, evaluate  # noqa: E402
-from utils.inference import ready_for_inference  # noqa: E402
 
 
 def run(root: str, size: int, arch: str, batch: int) -> tuple[list[str], dict[str, float]]:

@@ -7,7 +7,7 @@
   + channels_last; + bf16 autocast on CPUs with native bf16; + fp16 autocast on CUDA; + conv weights packed for
   oneDNN on CPUs, the tools' default there), then YOLOv3-tiny and the MobileNetV3 variants in the tools' form.
   FLOPs are counted by torch.utils.flop_counter (2 per multiply-add), achieved GFLOP/s is divided by the conv ceiling.
-- train step: forward + loss + backward + optimiser (utils.engine.train_step), YOLOv3 at 416, batch 8 (64 with AMP
+- train step: forward + loss + backward + optimiser (engine.train_step), YOLOv3 at 416, batch 8 (64 with AMP
   on CUDA), its ratio counting 3x the forward FLOPs per image.
 - loss: target building + YOLOv3 loss forward, batch 8, 50 boxes per image, random raw maps.
 - post-processing: decode is in the forward; threshold 0.001 + batched NMS + max_det 100 for a batch of 8, with a
@@ -37,14 +37,14 @@ from bench.common import (  # noqa: E402
     time_paired,
     time_runs,
 )
+from engine import train_step  # noqa: E402
+from inference import compile_for_inference, ready_for_inference  # noqa: E402
 from models import build_model  # noqa: E402
+from models.loss import build_loss  # noqa: E402
 from models.packed import packing_available  # noqa: E402
+from models.postprocess import postprocess  # noqa: E402
 from models.yolo import YOLO  # noqa: E402
 from utils.config import EvalConfig, LossConfig  # noqa: E402
-from utils.engine import train_step  # noqa: E402
-from utils.inference import compile_for_inference, ready_for_inference  # noqa: E402
-from utils.loss import build_loss  # noqa: E402
-from utils.postprocess import postprocess  # noqa: E402
 
 FORMS = ("eval mode (as trained)", "BN fused, inference_mode", "fused + channels_last", "fused + channels_last + bf16",
          "fused + channels_last + fp16", "fused + channels_last + packed weights")
@@ -61,7 +61,7 @@ def forward_gflops(model: YOLO, size: int) -> float:
 def prepared(arch: str, encoder: str, form: str, device: torch.device, size: int = 416, num_classes: int = 80
              ) -> YOLO:
     """A seeded model of `arch`/`encoder` in one of FORMS (eval mode; fused, channels_last and packed for
-    (1, 3, size, size) inputs as the form says, by utils.inference.ready_for_inference as the tools do)."""
+    (1, 3, size, size) inputs as the form says, by inference.ready_for_inference as the tools do)."""
     torch.manual_seed(0)
     model = build_model(arch, encoder, num_classes).to(device).eval()
     if form != FORMS[0]:

@@ -212,10 +212,12 @@ class CocoDetection(TorchvisionCocoDetection):
             raise DatasetError(f"{self.ann_file}: image id {image_id} file_name {name!r} leads outside {self.root}")
         return path
 
-    def _load_image(self, id: int) -> np.ndarray:  # noqa: A002 (torchvision's signature)
+    def load_image(self, id: int) -> np.ndarray:  # noqa: A002 (torchvision's signature)
         """Decode an image to (H, W, 3) uint8 RGB in the pixel frame its annotations use."""
         info = self.coco.imgs[id]
         return decode_image(self.image_path(id), info["width"], info["height"], f"image id {id} in {self.ann_file}")
+
+    _load_image = load_image  # torchvision's name for it
 
     def _load_target(self, id: int) -> tuple[np.ndarray, np.ndarray]:  # noqa: A002
         """(K, 4) xyxy boxes in original pixels and (K,) contiguous classes, crowd and degenerate boxes removed."""
@@ -229,7 +231,7 @@ class CocoDetection(TorchvisionCocoDetection):
             self.preprocess.augmentation.set_random_state(np.random.default_rng(seed), random.Random(seed))
         image_id = self.ids[index]
         try:
-            image = self._load_image(image_id)
+            image = self.load_image(image_id)
         except (OSError, DatasetError) as e:
             if not self.skip_bad_images:
                 raise

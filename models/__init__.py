@@ -4,12 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from models.darknet import Darknet53
-from models.mobilenet import WEIGHTS as MOBILENET_WEIGHTS
 from models.mobilenet import MobileNetV3Encoder
-from models.yolo import DARKNET_ANCHORS, YOLO, YOLOv3, YOLOv3Tiny
-
-# The encoders each architecture can be built with; yolov3-tiny has its own fixed backbone.
-ENCODERS = {"yolov3": ("darknet53", *MOBILENET_WEIGHTS), "yolov3-tiny": ("darknet53",)}
+from models.yolo import YOLO, YOLOv3, YOLOv3Tiny
+from utils.config import DARKNET_ANCHORS, ENCODERS, model_problem
 
 __all__ = ["DARKNET_ANCHORS", "ENCODERS", "YOLO", "build_model"]
 
@@ -19,10 +16,9 @@ def build_model(arch: str = "yolov3", encoder: str = "darknet53", num_classes: i
     """Build YOLOv3 / YOLOv3-tiny; anchors None = Darknet's. `pretrained` loads the encoder's ImageNet weights:
     torchvision's for MobileNetV3 (from `pretrained_path` if given), darknet53.conv.74 at `pretrained_path` for
     Darknet-53. Train mode returns raw maps (B, A, H, W, 5+C) per head; eval mode (B, N, 5+C) decoded."""
-    if arch not in ENCODERS:
-        raise ValueError(f"unknown model.arch {arch!r}; expected one of {tuple(ENCODERS)}")
-    if encoder not in ENCODERS[arch]:
-        raise ValueError(f"model.encoder {encoder!r} does not exist for {arch}; expected one of {ENCODERS[arch]}")
+    if problem := model_problem(arch, encoder, num_classes, anchors):  # the config's own check
+        key, value, why = problem
+        raise ValueError(f"model.{key}={value!r}: {why}")
     if arch == "yolov3-tiny":
         model = YOLOv3Tiny(num_classes, anchors)
     elif encoder == "darknet53":

@@ -10,16 +10,7 @@ from torch import nn
 
 from models import darknet
 from models.common import ConvBNLeaky, Normalize, fuse_conv_bn
-
-# Darknet's anchors in input pixels (w, h) and which of them each head uses, stride-32 head first
-# (yolov3.cfg / yolov3-tiny.cfg `[yolo] anchors=` and `mask=`). Tiny's second mask 1,2,3 is Darknet's own
-# choice (anchor 0 is used by no head); we keep it so that yolov3-tiny.weights work unchanged.
-DARKNET_ANCHORS = {
-    "yolov3": ((10, 13), (16, 30), (33, 23), (30, 61), (62, 45), (59, 119), (116, 90), (156, 198), (373, 326)),
-    "yolov3-tiny": ((10, 14), (23, 27), (37, 58), (81, 82), (135, 169), (344, 319)),
-}
-ANCHOR_MASKS = {"yolov3": ((6, 7, 8), (3, 4, 5), (0, 1, 2)), "yolov3-tiny": ((3, 4, 5), (1, 2, 3))}
-STRIDES = {"yolov3": (32, 16, 8), "yolov3-tiny": (32, 16)}
+from utils.config import ANCHOR_MASKS, DARKNET_ANCHORS, STRIDES
 
 OBJECTNESS_PRIOR = 0.01  # initial sigmoid(objectness): about 1 object per 100 predictions, as in focal loss's prior
 
@@ -86,10 +77,7 @@ class YOLO(nn.Module):
 
     def __init__(self, num_classes: int, anchors: list | None, normalization: tuple | None) -> None:
         super().__init__()
-        anchors = DARKNET_ANCHORS[self.arch] if anchors is None else anchors
-        expected = len(DARKNET_ANCHORS[self.arch])
-        if len(anchors) != expected or any(len(a) != 2 or min(a) <= 0 for a in anchors):
-            raise ValueError(f"{self.arch} needs {expected} positive (w, h) anchors, got {anchors!r}")
+        anchors = DARKNET_ANCHORS[self.arch] if anchors is None else anchors  # checked by build_model
         self.num_classes = num_classes
         self.strides = STRIDES[self.arch]
         self.masks = ANCHOR_MASKS[self.arch]

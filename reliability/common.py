@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import re
+import runpy
+import sys
 from pathlib import Path
 
 from datasets.shapes import generate_shapes
@@ -25,6 +27,17 @@ def tiny_run_args(shapes: Path, logs: Path, *overrides: str) -> list[str]:
             "data.multiscale_every=1", "data.workers=0", "train.batch_size=4", "train.subdivisions=2",
             "train.burn_in=2", "train.amp=fp32", "eval.every=1000", "eval.batch_size=4", "logging.every=1",
             "logging.images=2", f"logging.dir={logs}", *overrides]
+
+
+def run_main(args: list[str]) -> None:
+    """Run main.py with `args` in this process, as `python main.py ARGS` would (runpy: no import of the script),
+    so that this process's memory, file descriptors and workers are the training's."""
+    saved = sys.argv
+    sys.argv = [str(ROOT / "main.py"), *args]
+    try:
+        runpy.run_path(str(ROOT / "main.py"), run_name="__main__")
+    finally:
+        sys.argv = saved
 
 
 def rss_bytes(pid: int | str = "self") -> int:

@@ -15,8 +15,16 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import main as train_main
-from reliability.common import STEP_LINE, child_pids, make_shapes, open_fds, pss_bytes, rss_bytes, tiny_run_args
+from reliability.common import (
+    STEP_LINE,
+    child_pids,
+    make_shapes,
+    open_fds,
+    pss_bytes,
+    rss_bytes,
+    run_main,
+    tiny_run_args,
+)
 
 MB = 2**20
 
@@ -61,7 +69,7 @@ def endurance(shapes: Path, out: Path, steps: int, eval_every: int, workers: int
     logger.addHandler(watcher)
     started = time.perf_counter()
     try:
-        train_main.main(tiny_run_args(shapes, out, f"train.steps={steps}", f"eval.every={eval_every}",
+        run_main(tiny_run_args(shapes, out, f"train.steps={steps}", f"eval.every={eval_every}",
                                       f"data.workers={workers}", f"train.checkpoint_every={eval_every}",
                                       "logging.every=10", "logging.images=2", *overrides))
     finally:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-import main as train_main
+from reliability.common import run_main
 
 
 def die_in_save(n: int) -> None:
@@ -36,4 +36,4 @@ def die_in_save(n: int) -> None:
 
 if __name__ == "__main__":
     die_in_save(int(sys.argv[1]))
-    train_main.main(sys.argv[2:])
+    run_main(sys.argv[2:])

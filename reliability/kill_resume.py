@@ -22,8 +22,7 @@ from pathlib import Path
 
 import torch
 
-import main as train_main
-from reliability.common import ROOT, STEP_LINE, make_shapes, tiny_run_args
+from reliability.common import ROOT, STEP_LINE, make_shapes, run_main, tiny_run_args
 from utils.checkpoint import load_checkpoint
 
 
@@ -110,10 +109,10 @@ def kill_and_resume(shapes: Path, out: Path, steps: int, every: int, kills: int,
         checkpoint_step, loaded, cut_write = inspect_run(run_dir, started)
         rows.append(Kill(how, step, last, checkpoint_step, last - checkpoint_step, cut_write, loaded))
         step = checkpoint_step
-    train_main.main(["--resume", str(run_dir / "last.pt"), "--device", "cpu"])
+    run_main(["--resume", str(run_dir / "last.pt"), "--device", "cpu"])
     final = load_checkpoint(run_dir / "last.pt")
-    reference = train_main.main(tiny_run_args(shapes, out / "uninterrupted", *settings))
-    expected = load_checkpoint(reference["run_dir"] / "last.pt")
+    run_main(tiny_run_args(shapes, out / "uninterrupted", *settings))
+    expected = load_checkpoint(next((out / "uninterrupted").iterdir()) / "last.pt")
     equal = all(torch.equal(v, final["model"][k]) for k, v in expected["model"].items())
     return {"kills": rows, "final_step": final["state"]["step"], "weights_equal": equal, "run_dir": run_dir}
 

@@ -6,14 +6,14 @@ import pytest
 import torch
 from conftest import DATA
 
+import engine
 import main as train_main
+from engine import BadStepCounter, StepResult, train_step
 from models import build_model
+from models.loss import build_loss
 from reliability.common import make_shapes, tiny_run_args
-from utils.bad_steps import BadStepCounter
 from utils.checkpoint import load_checkpoint
 from utils.config import load_config
-from utils.engine import StepResult, train_step
-from utils.loss import build_loss
 
 ROOT = DATA.parent.parent
 
@@ -95,7 +95,7 @@ def test_counter_stops_only_after_max_bad_steps_in_a_row(tmp_path):
 
 def nan_loss_at(monkeypatch, bad_steps):
     """Make main.py's loss NaN (total and the obj term) at these 1-based micro-batch calls (one per step here)."""
-    real_build = train_main.build_loss
+    real_build = engine.build_loss
 
     def build(model, loss_cfg):
         loss_fn, calls = real_build(model, loss_cfg), [0]
@@ -108,7 +108,7 @@ def nan_loss_at(monkeypatch, bad_steps):
             return total, terms
         return loss
 
-    monkeypatch.setattr(train_main, "build_loss", build)
+    monkeypatch.setattr(engine, "build_loss", build)
 
 
 def test_isolated_bad_steps_are_skipped_and_counted(shapes, tmp_path, monkeypatch):
@@ -163,6 +163,7 @@ def _ddp_rank_with_an_infinite_loss(rank: int, world: int, port: int, out: str) 
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_ranks_agree_to_skip(tmp_path):
     torch.multiprocessing.spawn(_ddp_rank_with_an_infinite_loss, args=(2, 29531, str(tmp_path)), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]

@@ -3,11 +3,13 @@ no test depends on timing)."""
 import subprocess
 import sys
 
+import pytest
 from conftest import DATA
 
 ROOT = DATA.parent.parent
 
 
+@pytest.mark.slow
 def test_bench_run_reports_every_goal_and_section():
     done = subprocess.run([sys.executable, "bench/run.py", "--data", str(DATA / "coco"), "--size", "64",
                            "--repeats", "1"], cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -136,7 +136,7 @@ def test_unusual_image_formats_decode_to_rgb(tmp_path, kind):
     }
     name, writer = writers[kind]
     path = write_coco(tmp_path, [(name, 48, 32, writer)], [])
-    image = open_dataset(tmp_path, path)._load_image(1)
+    image = open_dataset(tmp_path, path).load_image(1)
     assert image.shape == (32, 48, 3) and image.dtype == np.uint8
     if kind == "grey":
         assert (image == 90).all()
@@ -157,7 +157,7 @@ def test_exif_rotated_jpeg_uses_the_annotated_frame(tmp_path, annotated_as):
 
     width, height = (50, 30) if annotated_as == "stored" else (30, 50)
     path = write_coco(tmp_path, [("r.jpg", width, height, writer)], [])
-    image = open_dataset(tmp_path, path)._load_image(1)
+    image = open_dataset(tmp_path, path).load_image(1)
     assert image.shape[:2] == (height, width)
     if annotated_as == "stored":
         assert image[:, :10].min() > 200

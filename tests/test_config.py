@@ -8,23 +8,18 @@ import pytest
 import torch
 import yaml
 
+from utils.cli import add_config_args, config_from_args, parse_cli, select_device
 from utils.config import (
     Config,
     ConfigError,
     DataConfig,
     ModelConfig,
-    _build_section,
-    _Origin,
-    _yaml_load,
-    add_config_args,
-    config_from_args,
     config_from_dict,
     config_to_dict,
     load_config,
-    parse_cli,
     save_config,
-    select_device,
 )
+from utils.typed_yaml import Origin, build_section, yaml_load
 
 TINY_ANCHORS = [[10, 14], [23, 27], [37, 58], [81, 82], [135, 169], [344, 319]]
 
@@ -98,14 +93,14 @@ def test_config_from_dict_applies_overrides_without_changing_input():
     ("1.0e5", 100000.0), ("2.e1", 20.0), (".5e2", 50.0), ("1.5", 1.5),
 ])
 def test_loader_reads_exponent_notation_as_float(text, expected):
-    value = _yaml_load(f"lr: {text}")["lr"]
+    value = yaml_load(f"lr: {text}")["lr"]
     assert type(value) is float
     assert value == expected
 
 
 @pytest.mark.parametrize("text, expected", [("123", 123), ("1e", "1e"), ("e5", "e5"), ("abc", "abc")])
 def test_loader_leaves_non_floats_alone(text, expected):
-    value = _yaml_load(text)
+    value = yaml_load(text)
     assert type(value) is type(expected)
     assert value == expected
 
@@ -121,7 +116,7 @@ class _Toy:
 
 
 def build_toy(text, overridden=frozenset()):
-    return _build_section(_Toy, _yaml_load(text), _Origin("toy.yaml", "train", overridden))
+    return build_section(_Toy, yaml_load(text), Origin("toy.yaml", "train", overridden))
 
 
 def test_generic_checker_float_field():

@@ -17,10 +17,10 @@ from hypothesis import strategies as st
 import main as train_main
 from datasets.loader import MultiScaleBatchSampler, train_sizes
 from datasets.transforms import Preprocess, build_augmentation
+from engine import build_optimizer, build_scheduler, lr_factor
 from models import DARKNET_ANCHORS, build_model
+from models.loss import build_loss
 from utils.config import Config, ConfigError, config_from_dict, config_to_dict
-from utils.loss import build_loss
-from utils.optim import build_optimizer, build_scheduler, lr_factor
 
 ROOT = DATA.parent.parent
 DEFAULTS = config_to_dict(Config())
@@ -146,6 +146,7 @@ def test_training_stops_with_one_line_naming_the_key(override, named, tmp_path):
     assert not list(tmp_path.iterdir())  # stopped before creating a run folder
 
 
+@pytest.mark.slow
 def test_bad_set_on_the_command_line_prints_no_traceback(tmp_path):
     run = subprocess.run([sys.executable, "main.py", "--device", "cpu", "--set", "data.img_size=100",
                           "train.subdivisions=3", f"logging.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True,

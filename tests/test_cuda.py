@@ -3,11 +3,11 @@ training. Skipped where no CUDA device exists (CI); run them on a GPU machine wi
 import pytest
 import torch
 
+from engine import train_step
 from models import build_model
+from models.loss import build_loss
+from models.postprocess import postprocess
 from utils.config import LossConfig
-from utils.engine import train_step
-from utils.loss import build_loss
-from utils.postprocess import postprocess
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")

@@ -17,7 +17,8 @@ import detect
 from datasets.coco import DatasetError, class_table
 from datasets.sources import Source, find_sources, glob_root
 from utils.checkpoint import save_checkpoint
-from utils.config import ConfigError, config_to_dict, device_to_gpu, load_config
+from utils.cli import device_to_gpu
+from utils.config import ConfigError, config_to_dict, load_config
 
 ROOT = DATA.parent.parent
 VAL = DATA / "coco" / "images" / "val2017"
@@ -148,6 +149,7 @@ def test_class_table_and_device_option(tmp_path):
         load_config(ROOT / "args.yaml", ["detect.conf_threshold=1.5"])
 
 
+@pytest.mark.slow
 def test_packed_and_compiled_models_give_the_same_detections(tmp_path, weights):
     """--no-pack, the default (conv weights packed on a CPU) and --compile (where a C++ compiler is at hand) give
     the same detections."""

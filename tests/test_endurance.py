@@ -16,6 +16,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_memory_flat_and_nothing_left_behind(tmp_path, one_thread):
     result = endurance(make_shapes(tmp_path / "shapes"), tmp_path / "runs", 120, 40, 2, "train.batch_size=2",
                        "train.subdivisions=1")

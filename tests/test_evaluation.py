@@ -9,10 +9,11 @@ from conftest import DATA
 from pycocotools.cocoeval import COCOeval
 from torchvision.ops import batched_nms
 
+from datasets.coco_eval import COCO_STATS, coco_evaluate, to_coco_rows
 from datasets.loader import build_dataset, build_loader
+from engine import evaluate
+from models.postprocess import grouped_nms, nms_best_first, postprocess, to_original_pixels, top_per_image
 from utils.config import load_config
-from utils.evaluation import COCO_STATS, coco_evaluate, evaluate, to_coco_rows
-from utils.postprocess import grouped_nms, nms_best_first, postprocess, to_original_pixels, top_per_image
 
 ROOT = DATA.parent.parent
 

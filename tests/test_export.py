@@ -1,5 +1,5 @@
 """export.py: the ONNX and TorchScript files compute what the PyTorch model computes (checked here on our own,
-besides the tool's check), with a dynamic batch; the NMS graph gives utils/postprocess.py's detections; a difference
+besides the tool's check), with a dynamic batch; the NMS graph gives models/postprocess.py's detections; a difference
 above the tolerance fails the run."""
 import onnx
 import onnxruntime
@@ -9,12 +9,12 @@ from conftest import DATA
 
 import export
 from datasets.sources import read_image
+from inference import letterbox_batch, unit_float
 from models import build_model
+from models.postprocess import postprocess
 from models.yolo import HeadOutput
 from utils.checkpoint import save_checkpoint
 from utils.config import config_to_dict, load_config
-from utils.inference import letterbox_batch, unit_float
-from utils.postprocess import postprocess
 
 ROOT = DATA.parent.parent
 IMAGE = DATA / "coco" / "images" / "val2017" / "000000397133.jpg"  # what the tool checks on: data.val_images' first

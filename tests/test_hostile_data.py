@@ -151,7 +151,7 @@ def test_hostile_annotation_file(case, tmp_path):
 
 
 def test_missing_area_and_iscrowd_still_evaluate(tmp_path):
-    from utils.evaluation import coco_evaluate
+    from datasets.coco_eval import coco_evaluate
 
     path = write_annotation_case(tmp_path, next(c for c in annotation_cases() if c[0] == "no area, no iscrowd"))
     dataset = CocoDetection(tmp_path / "images", path, Preprocess(), img_size=64)
@@ -203,6 +203,7 @@ mutated_jpegs = st.one_of(
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=mutated_jpegs)
 def test_fuzzed_image_bytes_give_a_sample_or_an_error_naming_the_file(data, tmp_path):

@@ -16,6 +16,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_kill_9_three_times_then_resume_to_the_uninterrupted_weights(tmp_path, one_thread):
     # 30 steps, checkpoint every 2 steps, 2 kills at random moments and 1 inside a checkpoint write
     result = kill_and_resume(make_shapes(tmp_path / "shapes"), tmp_path, 30, 2, 2, 1, "train.batch_size=2",

@@ -35,14 +35,14 @@ def val_loader(root, *overrides):
 
 def misbehave_on(monkeypatch, image_index, action):
     """Make the workers run `action` instead of loading the image_index-th validation image."""
-    real = CocoDetection._load_image
+    real = CocoDetection.load_image
 
     def load(self, image_id):
         if torch.utils.data.get_worker_info() is not None and image_id == self.ids[image_index]:
             action()
         return real(self, image_id)
 
-    monkeypatch.setattr(CocoDetection, "_load_image", load)
+    monkeypatch.setattr(CocoDetection, "load_image", load)
 
 
 def consume(loader):
@@ -57,6 +57,7 @@ def no_children_left(before, grace=30.0):
     return not set(child_pids()) - before
 
 
+@pytest.mark.slow
 def test_a_hung_worker_is_an_error_after_the_timeout(shapes, monkeypatch):
     misbehave_on(monkeypatch, 2, lambda: time.sleep(3600))
     before = set(child_pids())
@@ -100,6 +101,7 @@ def test_a_bad_image_in_a_worker_names_the_file_not_a_traceback(shapes):
     assert consume(val_loader(shapes, "data.skip_bad_images=true")) == [1, 0, 1, 1]  # the second batch lost its image
 
 
+@pytest.mark.slow
 def test_training_on_a_bad_image_stops_with_one_line(shapes, tmp_path):
     for image in (shapes / "images" / "train2017").iterdir():
         truncate(image)
@@ -112,6 +114,7 @@ def test_training_on_a_bad_image_stops_with_one_line(shapes, tmp_path):
                         r"images with a warning", run.stderr.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_skip_bad_images_warns_counts_and_training_goes_on(shapes, tmp_path):
     args = tiny_run_args(shapes, tmp_path, "train.steps=1", "data.skip_bad_images=true", "train.batch_size=2",
                          "train.subdivisions=1")

@@ -7,9 +7,9 @@ import torch.nn.functional as F
 import torchvision
 
 from models import build_model
+from models.loss import YOLOLoss, build_loss
 from models.yolo import ANCHOR_MASKS, DARKNET_ANCHORS, STRIDES, decode
 from utils.config import LossConfig
-from utils.loss import YOLOLoss, build_loss
 
 LOG2 = math.log(2)
 

@@ -3,9 +3,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_model_summary_all_variants():
     run = subprocess.run([sys.executable, "-m", "tools.model_summary", "--all", "--gpu", "-1",
                           "--set", "data.img_size=64"], cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -19,6 +22,7 @@ def test_model_summary_all_variants():
     assert all(float(row[-1]) < 1e-3 for row in rows.values())  # fused vs unfused
 
 
+@pytest.mark.slow
 def test_model_summary_bad_config_value_is_one_line_error():
     run = subprocess.run([sys.executable, "-m", "tools.model_summary", "--set", "data.img_size=100"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)

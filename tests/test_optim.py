@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
+from engine import build_optimizer, build_scheduler, lr_factor
 from models import build_model
 from tools.lr_scheduler_creator import main as plot_main
 from tools.lr_scheduler_creator import sample_steps
 from utils.config import TrainConfig
-from utils.optim import build_optimizer, build_scheduler, lr_factor
 
 
 def small_model() -> nn.Module:

@@ -93,6 +93,7 @@ def written_outside(out, before, after):
                   and not p.is_relative_to(out))
 
 
+@pytest.mark.slow
 def test_tools_write_only_inside_the_output_folder_they_are_given(tmp_path, shapes, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a relative default would land here, and be caught
     data_args = ["--config", str(ROOT / "args.yaml"), "--set", f"data.root={shapes}", "model.num_classes=6",

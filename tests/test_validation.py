@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import DATA
 
-import utils.inference
+import inference
 import validation
 from models import build_model
 from models.packed import pack_conv_weights, packing_available
@@ -104,6 +104,7 @@ def test_checkpoint_write_is_atomic(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # and no temporary file is left
 
 
+@pytest.mark.slow
 def test_packed_and_compiled_models_give_the_same_detections(tmp_path, monkeypatch):
     """The default CPU path packs the conv weights (models/packed.py); --no-pack and --compile (where a C++
     compiler is at hand) give the same detections."""
@@ -114,7 +115,7 @@ def test_packed_and_compiled_models_give_the_same_detections(tmp_path, monkeypat
     def counting_pack(*args):
         packed_counts.append(pack_conv_weights(*args))
         return packed_counts[-1]
-    monkeypatch.setattr(utils.inference, "pack_conv_weights", counting_pack)
+    monkeypatch.setattr(inference, "pack_conv_weights", counting_pack)
     variants = [("unpacked", ["--no-pack"]), ("packed", [])]
     if shutil.which(os.environ.get("CXX") or "g++"):
         variants.append(("compiled", ["--compile"]))

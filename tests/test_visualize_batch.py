@@ -31,6 +31,7 @@ def test_writes_a_grid_with_boxes_in_class_colours(tmp_path, capsys):
     assert drawn  # at least one box outline in a class colour
 
 
+@pytest.mark.slow
 def test_missing_dataset_names_folder_script_and_demo(tmp_path):
     cfg = load_config(ROOT / "args.yaml", [f"data.root={tmp_path / 'nothing'}"])
     with pytest.raises(DatasetError) as info:

@@ -17,7 +17,8 @@ import numpy as np
 from datasets.coco import DatasetError, image_boxes, read_coco_json
 from models import DARKNET_ANCHORS
 from models.yolo import ANCHOR_MASKS
-from utils.config import Config, add_config_args, parse_cli
+from utils.cli import add_config_args, parse_cli
+from utils.config import Config
 
 RECALL_THRESHOLDS = (0.5, 0.25)  # a box "has an anchor" when its best anchor's IoU exceeds this
 

@@ -13,8 +13,9 @@ from pathlib import Path
 import matplotlib
 import matplotlib.pyplot as plt
 
-from utils.config import TrainConfig, add_config_args, parse_cli
-from utils.optim import lr_factor
+from engine import lr_factor
+from utils.cli import add_config_args, parse_cli
+from utils.config import TrainConfig
 
 matplotlib.use("Agg")  # files only, no display needed (pyplot picks its backend at the first figure)
 

@@ -13,7 +13,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from models import ENCODERS, YOLO, build_model
-from utils.config import add_config_args, parse_cli
+from utils.cli import add_config_args, parse_cli
 
 
 def variants(arch: str, encoder: str, all_variants: bool) -> list[tuple[str, str]]:

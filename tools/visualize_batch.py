@@ -14,7 +14,7 @@ import cv2
 from datasets.coco import DatasetError
 from datasets.loader import build_dataset, build_loader
 from utils.boxes import box_cxcywh_to_xyxy
-from utils.config import add_config_args, parse_cli
+from utils.cli import add_config_args, parse_cli
 from utils.plots import draw_boxes, image_grid, tensor_to_image
 
 

@@ -1,16 +1,12 @@
-"""Checkpoints: one file, written atomically, read with weights_only=True; and a model from a weights file."""
+"""Checkpoints: one file, written atomically, read with weights_only=True."""
 from __future__ import annotations
 
-import dataclasses
 import os
 import pickle
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
-
-from models import YOLO, build_model
-from utils.config import Config, ConfigError, config_from_dict
 
 
 class CheckpointError(RuntimeError):
@@ -97,28 +93,3 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 def checkpoint_weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The model weights to use from a loaded checkpoint: the EMA's (what training evaluated) when it has one."""
     return state["ema"]["module"] if state.get("ema") else state["model"]
-
-
-def load_model(path: str | Path, cfg: Config) -> tuple[YOLO, Config]:
-    """A model from a training checkpoint (.pt: its own model config, EMA weights when present) or a Darknet
-    .weights file (built from cfg.model); returns it with the config whose `model` section describes it."""
-    path = Path(path)
-    if path.suffix != ".pt":
-        model = build_model(cfg.model.arch, cfg.model.encoder, cfg.model.num_classes, cfg.model.anchors)
-        part = model.load_darknet_weights(path)
-        if part != "full model":
-            raise CheckpointError(f"{path} holds only the {part} backbone; evaluation needs a full model")
-        return model, cfg
-    state = load_checkpoint(path)
-    try:
-        model_cfg = config_from_dict(state["config"], str(path)).model
-    except ConfigError as e:
-        raise CheckpointError(f"{path}: its stored config is invalid: {e}") from e
-    model = build_model(model_cfg.arch, model_cfg.encoder, model_cfg.num_classes, model_cfg.anchors)
-    weights = checkpoint_weights(state)
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not fit the {model_cfg.arch}/{model_cfg.encoder} model its config "
-                              f"describes: {e}") from e
-    return model, dataclasses.replace(cfg, model=model_cfg)

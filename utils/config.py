@@ -1,85 +1,31 @@
-"""The run configuration: one YAML file (args.yaml) parsed into typed dataclasses.
+"""The run configuration's schema: one YAML file (args.yaml) parsed into typed dataclasses, one per section.
 
-The file is grouped in sections (``model:``, ``data:``), one dataclass each. Any
-group or key may be left out to get its default. ``--set group.key=value``
-overrides a value from the command line; the value is parsed as YAML.
+The file is grouped in sections (``model:``, ``data:``), one dataclass each. Any group or key may be left out to
+get its default. ``--set group.key=value`` overrides a value from the command line; the value is parsed as YAML.
 
-To add a setting, add a typed field with a default to its section dataclass; its
-type is checked from the hint, and value constraints go in that section's
-``check()``. To add a section, write such a dataclass and add it as a field of
-``Config``.
+To add a setting, add a typed field with a default to its section dataclass; its type is checked from the hint
+(utils/typed_yaml.py), and value constraints go in that section's ``check()``. To add a section, write such a
+dataclass and add it as a field of ``Config``. Every value is checked here, once, at load time; the layers that
+use it trust it. This module imports none of them: what it must know of them (the model's vocabulary, COCO's
+metric names, Albumentations' transforms) is a table here or in utils/.
 
-Every problem raises ConfigError reading ``SOURCE: group.key=VALUE: what is
-wrong / what would be right``, where SOURCE is the file or ``--set``.
+Every problem raises ConfigError reading ``SOURCE: group.key=VALUE: what is wrong / what would be right``, where
+SOURCE is the file or ``--set``.
 """
-
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import difflib
 import math
-import re
-import types
-import typing
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
-import torch
 import yaml
 
-from models import DARKNET_ANCHORS, ENCODERS
+from utils.typed_yaml import ConfigError, Origin, build_config, choices, unknown, yaml_load
 
-
-class ConfigError(ValueError):
-    """A config value that cannot be used; the message says where it came from and why."""
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads 1e-3, 1E5 and 2.5e4 as floats.
-
-    YAML 1.1 (PyYAML) wants a dot and a signed exponent, so it would read
-    these as strings and a learning rate written the usual way would fail.
-    """
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."),
-)
-
-
-def _yaml_load(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)
-
-
-def _fail(source: str, key: str, value: Any, problem: str) -> NoReturn:
-    raise ConfigError(f"{source}: {key}={value!r}: {problem}")
-
-
-def _unknown(what: str, name: Any, valid: Iterable[str]) -> str:
-    valid = list(valid)
-    close = difflib.get_close_matches(str(name), valid, n=1)
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    return f"unknown {what} {name!r}; {hint}valid {what}s: {', '.join(valid)}"
-
-
-@dataclass(frozen=True)
-class _Origin:
-    """Where one section's values came from, so errors can name the file or --set."""
-
-    file: str
-    group: str
-    overridden: frozenset[str]
-
-    def fail(self, key: str, value: Any, problem: str) -> NoReturn:
-        full = f"{self.group}.{key}"
-        _fail("--set" if full in self.overridden else self.file, full, value, problem)
-
-
+__all__ = ["ConfigError", "Config", "load_config", "config_from_dict", "config_to_dict", "save_config"]
 
 
 MAX_CLASSES = 10_000  # YOLO9000 detects 9418
@@ -87,8 +33,43 @@ MAX_IMG_SIZE = 8192  # pixels; far beyond what fits in memory with any batch
 MAX_WORKERS = 256
 
 
-def _choices(names: Iterable[str]) -> str:
-    return ", ".join(repr(n) for n in names)
+# The model's vocabulary, the one table both this schema and models/ use: the encoders each architecture can be
+# built with (yolov3-tiny has its own fixed backbone, named darknet53 here), Darknet's anchors in input pixels
+# (w, h), which anchors each head uses, stride-32 head first (yolov3.cfg / yolov3-tiny.cfg `[yolo] anchors=` and
+# `mask=`), and the heads' strides. Tiny's second mask 1,2,3 is Darknet's own choice (anchor 0 is used by no head);
+# we keep it so that yolov3-tiny.weights work unchanged.
+ENCODERS = {"yolov3": ("darknet53", "mobilenet_v3_large", "mobilenet_v3_small"), "yolov3-tiny": ("darknet53",)}
+DARKNET_ANCHORS = {
+    "yolov3": ((10, 13), (16, 30), (33, 23), (30, 61), (62, 45), (59, 119), (116, 90), (156, 198), (373, 326)),
+    "yolov3-tiny": ((10, 14), (23, 27), (37, 58), (81, 82), (135, 169), (344, 319)),
+}
+ANCHOR_MASKS = {"yolov3": ((6, 7, 8), (3, 4, 5), (0, 1, 2)), "yolov3-tiny": ((3, 4, 5), (1, 2, 3))}
+STRIDES = {"yolov3": (32, 16, 8), "yolov3-tiny": (32, 16)}
+
+# COCOeval.stats in its order (cocoeval.py summarize()): AP at IoU .50:.95, .50, .75, by area; AR at 1/10/100 dets.
+COCO_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+def model_problem(arch: str, encoder: str, num_classes: int, anchors: list | None) -> tuple[str, Any, str] | None:
+    """The one check of a model description (the config's and build_model's): None, or (key, value, problem)."""
+    if arch not in ENCODERS:
+        return "arch", arch, f"unknown architecture; use one of {choices(ENCODERS)}"
+    if encoder not in ENCODERS[arch]:
+        return "encoder", encoder, (f"does not exist for {arch}; use {choices(ENCODERS[arch])}"
+                                    + (" (yolov3-tiny has its own fixed backbone)" if arch == "yolov3-tiny" else ""))
+    if num_classes < 1:
+        return "num_classes", num_classes, "must be at least 1"
+    if num_classes > MAX_CLASSES:
+        return "num_classes", num_classes, f"must be at most {MAX_CLASSES}"
+    if anchors is not None:
+        expected = len(DARKNET_ANCHORS[arch])
+        if len(anchors) != expected:
+            return "anchors", anchors, f"expected {expected} [w, h] pairs for {arch} (it needs {expected}: " \
+                f"{len(ANCHOR_MASKS[arch][0])} per head), found {len(anchors)}"
+        for pair in anchors:
+            if len(pair) != 2 or min(pair) <= 0:
+                return "anchors", anchors, f"anchor {pair!r} is not two positive numbers [w, h]"
+    return None
 
 
 @dataclass
@@ -102,26 +83,10 @@ class ModelConfig:
     pretrained: bool = False  # load ImageNet weights into the encoder
     pretrained_path: str | None = None  # local encoder weights file instead of the default source
 
-    def check(self, origin: _Origin) -> None:
+    def check(self, origin: Origin) -> None:
         """Raise ConfigError for values the model cannot be built with."""
-        if self.arch not in ENCODERS:
-            origin.fail("arch", self.arch, f"unknown architecture; use one of {_choices(ENCODERS)}")
-        if self.encoder not in ENCODERS[self.arch]:
-            origin.fail("encoder", self.encoder,
-                        f"not an encoder for {self.arch}; use {_choices(ENCODERS[self.arch])}"
-                        + (" (yolov3-tiny has its own fixed backbone)" if self.arch == "yolov3-tiny" else ""))
-        if self.num_classes < 1:
-            origin.fail("num_classes", self.num_classes, "must be at least 1")
-        if self.num_classes > MAX_CLASSES:
-            origin.fail("num_classes", self.num_classes, f"must be at most {MAX_CLASSES}")
-        if self.anchors is not None:
-            expected = len(DARKNET_ANCHORS[self.arch])
-            if len(self.anchors) != expected:
-                origin.fail("anchors", self.anchors,
-                            f"expected {expected} [w, h] pairs for {self.arch}, found {len(self.anchors)}")
-            for pair in self.anchors:
-                if len(pair) != 2 or min(pair) <= 0:
-                    origin.fail("anchors", self.anchors, f"anchor {pair!r} is not two positive numbers [w, h]")
+        if problem := model_problem(self.arch, self.encoder, self.num_classes, self.anchors):
+            origin.fail(*problem)
         if self.pretrained and self.pretrained_path is None and self.encoder == "darknet53":
             origin.fail("pretrained_path", None, "model.pretrained is true, and pretrained darknet53 loads "
                         "darknet53.conv.74 from this path; fetch it with models/weights/download_darknet_weights.sh "
@@ -132,7 +97,7 @@ class ModelConfig:
                         "give an existing weights file, or null for the default weights")
 
 
-def _check_size(origin: _Origin, key: str, value: Any, size: int) -> None:
+def _check_size(origin: Origin, key: str, value: Any, size: int) -> None:
     """Image sizes must be positive multiples of 32, the network's largest stride, up to MAX_IMG_SIZE."""
     if size > MAX_IMG_SIZE:
         origin.fail(key, value, f"{size} is larger than the {MAX_IMG_SIZE} pixels this project accepts")
@@ -160,7 +125,7 @@ class DataConfig:
     skip_bad_images: bool = False  # False: an unreadable image is an error; True: skipped with a warning
     min_box_size: float = 2.0  # pixels; boxes narrower/shorter after augmentation are removed
 
-    def check(self, origin: _Origin) -> None:
+    def check(self, origin: Origin) -> None:
         """Raise ConfigError for values the data pipeline cannot use."""
         _check_size(origin, "img_size", self.img_size, self.img_size)
         if self.multiscale is not None:
@@ -209,9 +174,9 @@ class AugmentConfig:
     horizontal_flip: dict[str, Any] = _augment(0.5)
     affine: dict[str, Any] = _augment(0.5, scale=[0.75, 1.25], translate_percent=[-0.1, 0.1])
 
-    def check(self, origin: _Origin) -> None:
+    def check(self, origin: Origin) -> None:
         """Build and apply each transform once so that a bad argument is reported now, naming its key."""
-        from datasets.transforms import check_augmentation, make_augmentation  # slow to import: only here
+        from utils.augmentations import check_augmentation, make_augmentation  # Albumentations: slow to import
 
         defaults = dataclasses.asdict(AugmentConfig())
         for key, kwargs in dataclasses.asdict(self).items():
@@ -256,7 +221,7 @@ class TrainConfig:
     sync_bn: bool = False  # under DDP: synchronise BatchNorm statistics across processes
     seed: int = 0  # seeds weights, data order and augmentation
 
-    def check(self, origin: _Origin) -> None:
+    def check(self, origin: Origin) -> None:
         """Raise ConfigError for values training cannot use."""
         for key in ("batch_size", "steps", "cosine_t0", "cosine_t_mult", "checkpoint_every", "max_bad_steps"):
             if getattr(self, key) < 1:
@@ -264,9 +229,9 @@ class TrainConfig:
         if self.subdivisions < 1 or self.batch_size % self.subdivisions:
             origin.fail("subdivisions", self.subdivisions,
                         f"must be >= 1 and divide train.batch_size ({self.batch_size})")
-        for key, choices in (("optimizer", OPTIMIZERS), ("scheduler", SCHEDULERS), ("amp", AMP_MODES)):
-            if getattr(self, key) not in choices:
-                origin.fail(key, getattr(self, key), _unknown(key, getattr(self, key), choices))
+        for key, valid in (("optimizer", OPTIMIZERS), ("scheduler", SCHEDULERS), ("amp", AMP_MODES)):
+            if getattr(self, key) not in valid:
+                origin.fail(key, getattr(self, key), unknown(key, getattr(self, key), valid))
         if self.lr <= 0:
             origin.fail("lr", self.lr, "must be positive")
         for key in ("weight_decay", "cosine_eta_min", "burn_in"):
@@ -305,7 +270,7 @@ class LossConfig:
     obj_weight: float = 1.0  # objectness BCE
     cls_weight: float = 1.0  # multi-label class BCE
 
-    def check(self, origin: _Origin) -> None:
+    def check(self, origin: Origin) -> None:
         """Raise ConfigError for values the loss cannot use."""
         if not 0 < self.ignore_threshold <= 1:
             origin.fail("ignore_threshold", self.ignore_threshold, "must be in (0, 1]")
@@ -323,7 +288,7 @@ class LoggingConfig:
     every: int = 20  # steps between log lines and TensorBoard scalars
     images: int = 4  # validation images drawn to TensorBoard at each evaluation (0: none)
 
-    def check(self, origin: _Origin) -> None:
+    def check(self, origin: Origin) -> None:
         """Raise ConfigError for values logging cannot use."""
         if not self.name or any(c in self.name for c in "/\\:"):
             origin.fail("name", self.name, "must be non-empty without '/', '\\' or ':'")
@@ -351,7 +316,7 @@ class EvalConfig:
     subset: int | None = None  # evaluate the first N validation images only; None: all
     backend: str = "pycocotools"  # or faster_coco_eval (same numbers, faster; pip install faster-coco-eval)
 
-    def check(self, origin: _Origin) -> None:
+    def check(self, origin: Origin) -> None:
         """Raise ConfigError for values evaluation cannot use."""
         for key in ("batch_size", "max_det", "max_candidates"):
             if getattr(self, key) < 1:
@@ -364,12 +329,10 @@ class EvalConfig:
             origin.fail("subset", self.subset, "must be at least 1, or null for all images")
         if self.every < 1:
             origin.fail("every", self.every, "must be at least 1")
-        from utils.evaluation import COCO_STATS  # evaluation imports this module: import here, not at the top
-
         if self.metric not in COCO_STATS:
-            origin.fail("metric", self.metric, _unknown("metric", self.metric, COCO_STATS))
+            origin.fail("metric", self.metric, unknown("metric", self.metric, COCO_STATS))
         if self.backend not in EVAL_BACKENDS:
-            origin.fail("backend", self.backend, _unknown("backend", self.backend, EVAL_BACKENDS))
+            origin.fail("backend", self.backend, unknown("backend", self.backend, EVAL_BACKENDS))
 
 
 @dataclass
@@ -378,7 +341,7 @@ class DetectConfig:
 
     conf_threshold: float = 0.25  # score a detection needs to be drawn or written (eval.conf_threshold is for mAP)
 
-    def check(self, origin: _Origin) -> None:
+    def check(self, origin: Origin) -> None:
         """Raise ConfigError for values inference cannot use."""
         if not 0 <= self.conf_threshold < 1:
             origin.fail("conf_threshold", self.conf_threshold, "must be in [0, 1)")
@@ -398,139 +361,9 @@ class Config:
     detect: DetectConfig = field(default_factory=DetectConfig)
 
 
-_SECTIONS: dict[str, type] = typing.get_type_hints(Config)
-
-
-class _Mismatch(Exception):
-    pass
-
-
-def _conform(value: Any, tp: Any) -> Any:
-    """Return value as type tp (an int widened to float), or raise _Mismatch."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        for arg in args:
-            try:
-                return _conform(value, arg)
-            except _Mismatch:
-                pass
-        raise _Mismatch
-    if tp is Any:
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise _Mismatch
-        return [_conform(v, args[0]) for v in value]
-    if origin is dict:
-        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-            raise _Mismatch
-        return {k: _conform(v, args[1]) for k, v in value.items()}
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        try:
-            return float(value)  # YAML writes 1.0 as 1
-        except OverflowError:  # beyond 1.8e308: then reported as not finite
-            return math.inf if value > 0 else -math.inf
-    # bool subclasses int, but true for an int setting is a mistake, not 1
-    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-        raise _Mismatch
-    return value
-
-
-def _out_of_range(value: Any) -> str | None:
-    """What no setting may hold, anywhere inside its value: nan or infinity, an integer beyond 64 bits (torch and
-    numpy take no more), a NUL character (no path can hold one). None when there is none."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return f"{value} is not allowed; use a finite number"
-    if isinstance(value, int) and not -(2**63) <= value < 2**63:
-        return f"{value} does not fit in 64 bits"
-    if isinstance(value, str) and "\0" in value:
-        return "contains a NUL character"
-    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
-    return next((problem for item in items if (problem := _out_of_range(item))), None)
-
-
-def _type_name(tp: Any) -> str:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in args)
-    if origin is list:
-        return f"list[{_type_name(args[0])}]"
-    if origin is dict:
-        return "mapping"
-    if tp is Any:
-        return "any value"
-    return "null" if tp is type(None) else tp.__name__
-
-
-def _build_section(cls: type, raw: dict, origin: _Origin) -> Any:
-    """Type-check raw against cls's fields, build it and run its check()."""
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for key, value in raw.items():
-        if key not in hints:
-            origin.fail(key, value, _unknown(f"{origin.group} key", key, hints))
-        try:
-            values[key] = _conform(value, hints[key])
-        except _Mismatch:
-            origin.fail(key, value, f"expected {_type_name(hints[key])}")
-        if problem := _out_of_range(values[key]):
-            origin.fail(key, value, problem)
-    section = cls(**values)
-    section.check(origin)
-    return section
-
-
-def _groups(d: Any, source: str) -> dict[str, dict]:
-    """Split the top-level mapping into per-group dicts (copies; d is not changed)."""
-    if d is None:  # an empty file
-        d = {}
-    if not isinstance(d, dict):
-        raise ConfigError(f"{source}: expected a mapping of groups ({', '.join(_SECTIONS)}), got {d!r}")
-    groups = {}
-    for name, body in d.items():
-        if name not in _SECTIONS:
-            _fail(source, name, body, _unknown("group", name, _SECTIONS))
-        if body is not None and not isinstance(body, dict):
-            keys = ", ".join(typing.get_type_hints(_SECTIONS[name]))
-            _fail(source, name, body, f"expected a mapping of {name} keys ({keys})")
-        groups[name] = dict(body or {})
-    return groups
-
-
-def _apply_overrides(groups: dict[str, dict], overrides: Sequence[str]) -> frozenset[str]:
-    """Write each group.key=value into groups and return the keys set this way."""
-    keys = set()
-    for item in overrides:
-        key, eq, text = item.partition("=")
-        group, dot, name = key.strip().partition(".")
-        if not (eq and dot and group and name):
-            raise ConfigError(f"--set: {item!r}: expected the form group.key=value (or group.key.entry=value for a "
-                              "mapping), e.g. data.img_size=320")
-        if group not in _SECTIONS:
-            _fail("--set", key, text, _unknown("group", group, _SECTIONS))
-        try:
-            value = _yaml_load(text)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--set: {key}={text!r}: value is not valid YAML: {' '.join(str(e).split())}") from e
-        name, _, sub = name.partition(".")
-        if sub:  # group.key.sub=value sets one entry of a mapping-valued key, e.g. augment.affine.p=0
-            base = groups.setdefault(group, {}).get(name, getattr(_SECTIONS[group](), name, {}))
-            if not isinstance(base, dict):
-                _fail("--set", f"{group}.{name}", base, f"is not a mapping, so {key} cannot be set")
-            value = {**base, sub: value}
-        groups.setdefault(group, {})[name] = value
-        keys.add(f"{group}.{name}")
-    return frozenset(keys)
-
-
 def config_from_dict(d: dict, source: str = "<dict>", overrides: Sequence[str] = ()) -> Config:
     """Validate a nested dict (as in args.yaml or a checkpoint), apply overrides, and build a Config."""
-    groups = _groups(d, source)
-    overridden = _apply_overrides(groups, overrides)
-    return Config(**{
-        name: _build_section(cls, groups.get(name, {}), _Origin(source, name, overridden))
-        for name, cls in _SECTIONS.items()
-    })
+    return build_config(Config, d, source, overrides)
 
 
 def load_config(path: str | Path = "args.yaml", overrides: Sequence[str] = ()) -> Config:
@@ -542,7 +375,7 @@ def load_config(path: str | Path = "args.yaml", overrides: Sequence[str] = ()) -
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config file: {e}") from e
     try:
-        raw = _yaml_load(text)
+        raw = yaml_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from e
     return config_from_dict(raw, str(path), overrides)
@@ -558,54 +391,3 @@ def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
-def add_config_args(parser: argparse.ArgumentParser) -> None:
-    """Add --config, --set (collected into args.overrides) and --gpu to parser."""
-    parser.add_argument("--config", default="args.yaml", metavar="PATH", help="YAML config file (default: args.yaml)")
-    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="override config values, e.g. --set data.img_size=320 model.arch=yolov3-tiny")
-    parser.add_argument("--gpu", type=int, default=None, metavar="N",
-                        help="CUDA device index; -1 forces CPU (default: cuda:0 if available, else CPU)")
-
-
-def config_from_args(args: argparse.Namespace) -> Config:
-    """Load the Config named by parsed --config/--set arguments."""
-    return load_config(args.config, args.overrides)
-
-
-def parse_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None
-              ) -> tuple[argparse.Namespace, Config, torch.device]:
-    """For scripts: parse argv, load the config and pick the device; a bad config or --gpu exits with one line."""
-    args = parser.parse_args(argv)
-    return (args, *cli_config(args))
-
-
-def cli_config(args: argparse.Namespace) -> tuple[Config, torch.device]:
-    """The config and device of parsed arguments; a bad config or --gpu exits with one line."""
-    try:
-        return config_from_args(args), select_device(args.gpu)
-    except ConfigError as e:
-        raise SystemExit(f"config error: {e}") from e
-
-
-def device_to_gpu(device: str) -> int:
-    """A --device value (cpu, cuda, cuda:N or N) -> the --gpu index select_device takes (-1 for the CPU)."""
-    text = device.strip().lower()
-    if text == "cpu":
-        return -1
-    index = text.removeprefix("cuda").removeprefix(":") or "0"
-    if not index.isdigit():
-        raise ConfigError(f"--device {device!r}: expected cpu, cuda, cuda:N or N (a CUDA device index)")
-    return int(index)
-
-
-def select_device(gpu: int | None) -> torch.device:
-    """Return the device for --gpu: None picks cuda:0 if available else CPU, -1 forces CPU."""
-    if gpu is None:
-        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    if gpu == -1:
-        return torch.device("cpu")
-    count = torch.cuda.device_count()
-    if not 0 <= gpu < count:
-        valid = f"use 0..{count - 1}, or -1 for CPU" if count else "use -1 or leave --gpu out for CPU"
-        raise ConfigError(f"--gpu {gpu}: no such CUDA device; this machine has {count} CUDA device(s); {valid}")
-    return torch.device(f"cuda:{gpu}")

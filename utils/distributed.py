@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -49,6 +50,15 @@ def all_reduce_mean(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     stacked = torch.stack([values[k].detach().float() for k in sorted(values)])
     dist.all_reduce(stacked)
     return {k: v / get_world_size() for k, v in zip(sorted(values), stacked, strict=True)}
+
+
+def all_gather_rows(rows: np.ndarray) -> np.ndarray:
+    """Every rank's (M_r, ...) array concatenated in rank order, on every rank (identity without a process group)."""
+    if not is_distributed():
+        return rows
+    gathered = [None] * get_world_size()
+    dist.all_gather_object(gathered, rows)
+    return np.concatenate(gathered)
 
 
 def broadcast_object(obj: object) -> object:

@@ -49,6 +49,15 @@ def draw_true_boxes(image: np.ndarray, boxes_xyxy: np.ndarray) -> np.ndarray:
     return image
 
 
+def draw_detections(image: np.ndarray, boxes_xyxy: np.ndarray, classes: np.ndarray, names: Sequence[str],
+                    scores: np.ndarray | None = None, true_xyxy: np.ndarray | None = None) -> np.ndarray:
+    """Predictions (K, 4) xyxy with class names and scores, over the true boxes (M, 4) xyxy in white when given,
+    drawn on a (H, W, 3) uint8 RGB image in place: the picture of main.py's predictions.png and visualization.py."""
+    if true_xyxy is not None:
+        draw_true_boxes(image, true_xyxy)
+    return draw_boxes(image, boxes_xyxy, classes, names, scores)
+
+
 def image_grid(images: Sequence[np.ndarray], columns: int | None = None, gap: int = 4) -> np.ndarray:
     """Tile (H_i, W_i, 3) uint8 images into one grid image, row by row, on white; cells take the largest size."""
     columns = columns or math.ceil(math.sqrt(len(images)))

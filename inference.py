@@ -1,6 +1,6 @@
 """Inference on decoded images: letterbox a batch, run the model, post-process, map back to original pixels.
 
-The same geometry as evaluation (datasets/transforms.py letterbox, utils/postprocess.py inverse), for any images.
+The same geometry as evaluation (datasets/transforms.py letterbox, models/postprocess.py inverse), for any images.
 """
 from __future__ import annotations
 
@@ -17,9 +17,11 @@ import torch
 from datasets.transforms import Preprocess
 from models import YOLO
 from models.packed import pack_conv_weights, packing_available
-from utils.checkpoint import CheckpointError, load_model
-from utils.config import Config, ConfigError, EvalConfig, add_config_args, cli_config, device_to_gpu
-from utils.postprocess import postprocess, to_original_pixels
+from models.postprocess import postprocess, to_original_pixels
+from models.transfer import load_model
+from utils.checkpoint import CheckpointError
+from utils.cli import add_config_args, cli_config, device_to_gpu
+from utils.config import Config, ConfigError, EvalConfig
 
 LETTERBOX = Preprocess()  # no augmentation: fit, pad with grey, to tensor
 NO_BOXES, NO_CLASSES = np.zeros((0, 4), np.float32), np.zeros(0, np.int64)

@@ -83,15 +83,8 @@ class YOLOLoss(nn.Module):
                  num_classes: int, ignore_threshold: float = 0.7, xy_weight: float = 1.0, wh_weight: float = 1.0,
                  obj_weight: float = 1.0, cls_weight: float = 1.0) -> None:
         super().__init__()
+        # anchors, masks and strides come from the model (utils/config.py's tables, checked there); not re-checked
         anchors = torch.as_tensor(anchors, dtype=torch.float32).detach().clone().cpu()
-        if anchors.ndim != 2 or anchors.shape[1] != 2 or not bool((anchors > 0).all()):
-            raise ValueError(f"anchors must be (K, 2) positive (w, h) pixels, got {anchors.tolist()}")
-        if len(masks) != len(strides):
-            raise ValueError(f"{len(masks)} anchor masks for {len(strides)} strides")
-        if any(not 0 <= i < len(anchors) for mask in masks for i in mask) or len({len(m) for m in masks}) != 1:
-            raise ValueError(f"anchor masks {masks} must each hold the same number of the {len(anchors)} anchors")
-        if not 0 < ignore_threshold <= 1:
-            raise ValueError(f"ignore_threshold must be in (0, 1], got {ignore_threshold}")
         self.masks = tuple(tuple(int(i) for i in mask) for mask in masks)
         self.strides = tuple(int(s) for s in strides)
         self.num_anchors = len(self.masks[0])  # per head

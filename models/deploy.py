@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from torchvision.ops import batched_nms
 
+from models.postprocess import top_per_image
 from utils.boxes import box_cxcywh_to_xyxy
-from utils.postprocess import top_per_image
 
 INPUT_NAME = "images"  # (B, 3, H, W) RGB in [0, 1], float32
 OUTPUT_NAMES = {False: "predictions", True: "detections"}  # (B, N, 5+C) decoded; with NMS (M, 7)
@@ -62,7 +62,7 @@ class NonMaxSuppression(torch.autograd.Function):
 
 
 class WithNMS(nn.Module):
-    """The model plus post-processing as utils/postprocess.py does it with multi_label and no candidate cap:
+    """The model plus post-processing as models/postprocess.py does it with multi_label and no candidate cap:
     (B, 3, H, W) -> detections (M, 7) [image_index, x1, y1, x2, y2, score, class] in input pixels, by image, best
     first, at most max_det per image."""
 

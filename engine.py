@@ -1,0 +1,516 @@
+"""The training engine and the one evaluation: what main.py runs between loading the data and writing the run.
+
+One training image: the loader's micro-batch (datasets/loader.py) -> `micro_batches` (on the device) -> `train_step`
+(forward, models/loss.py, backward, one optimiser update with the lr of `lr_factor`) -> EMA of the weights.
+One validation image: `evaluate` -> the model in eval mode (decoded boxes) -> models/postprocess.py (NMS, back to
+original pixels) -> COCO rows, gathered from every rank -> datasets/coco_eval.py (pycocotools' 12 numbers).
+validation.py calls the same `evaluate`. The run's state (`Trainer`) is saved and restored whole by checkpoints.
+
+Step convention used throughout: `step` is the 0-based index of an optimiser update, so step 0 is the very first
+update. The training loop calls `optimizer.step()` and then `scheduler.step()` once per optimiser step, so
+`scheduler.last_epoch` is always the index of the next update and its lr is `train_cfg.lr * lr_factor(that index)`.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import random
+import resource
+import time
+import warnings
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from datasets.coco_eval import coco_evaluate, to_coco_rows
+from datasets.loader import checked_batches
+from models.loss import YOLOLoss, build_loss
+from models.postprocess import postprocess, to_original_pixels
+from utils.config import OPTIMIZERS, Config, EvalConfig, TrainConfig, config_to_dict
+from utils.distributed import all_gather_rows, all_reduce_mean, broadcast_object, is_main_process
+from utils.logger import RunLogger, log
+from utils.plots import draw_detections, image_grid
+
+# -- the run's state --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    """Where the run is; saved in every checkpoint."""
+
+    step: int = 0  # optimiser steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of `epoch` already consumed
+    best_metric: float = -1.0
+    best_step: int = 0
+    evals_without_improvement: int = 0
+    skipped_steps: int = 0
+    skipped_images: int = 0  # unreadable images left out of their batch (data.skip_bad_images)
+
+    def record_evaluation(self, metric: float, patience: int | None) -> tuple[bool, bool]:
+        """Count an evaluation's metric: (it is the best so far, patience is exhausted and training stops)."""
+        if metric > self.best_metric:
+            self.best_metric, self.best_step, self.evals_without_improvement = metric, self.step, 0
+            return True, False
+        self.evals_without_improvement += 1
+        return False, bool(patience and self.evals_without_improvement >= patience)
+
+
+def rng_state() -> dict:
+    """Every random generator's state, in types torch.load(weights_only=True) accepts."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available()
+            else [], "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+            "python": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what rng_state() returned."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(tuple(v if not isinstance(v, list) else tuple(v) for v in state["python"]))
+
+
+@dataclass
+class Trainer:
+    """Everything a training run updates, built from the config; `state_dict` is one checkpoint's contents."""
+
+    model: nn.Module  # unwrapped (not the DDP wrapper)
+    loss_fn: YOLOLoss
+    optimizer: torch.optim.Optimizer
+    scheduler: LambdaLR
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+    ema: ModelEMA | None
+    state: TrainState = field(default_factory=TrainState)
+
+    @classmethod
+    def build(cls, model: nn.Module, cfg: Config, device: torch.device) -> Trainer:
+        """Loss, optimiser, schedule, precision and EMA for `model` (already on `device`)."""
+        optimizer = build_optimizer(model, cfg.train)
+        amp_dtype = autocast_dtype(cfg.train.amp, device)
+        return cls(model, build_loss(model, cfg.loss), optimizer, build_scheduler(optimizer, cfg.train),
+                   torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16), amp_dtype,
+                   ModelEMA(model, cfg.train.ema_decay) if cfg.train.ema else None)
+
+    def state_dict(self, cfg: Config) -> dict[str, Any]:
+        """model, EMA, optimiser, scheduler, scaler, state, the resolved config and the RNG states."""
+        return {"model": self.model.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "state": asdict(self.state), "config": config_to_dict(cfg),
+                "rng": rng_state()}
+
+    def load_state_dict(self, checkpoint: dict[str, Any]) -> None:
+        """Continue exactly where the checkpoint's run stopped (weights, optimiser, schedule, data position, RNGs)."""
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self.scaler.load_state_dict(checkpoint["scaler"])
+        if self.ema and checkpoint.get("ema"):
+            self.ema.load_state_dict(checkpoint["ema"])
+        self.state = TrainState(**checkpoint["state"])
+        set_rng_state(checkpoint["rng"])
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights training evaluates: the EMA's when there is one."""
+        return self.ema.module if self.ema else self.model
+
+
+# -- data -------------------------------------------------------------------------------------------------------
+
+
+def micro_batches(loader: DataLoader, state: TrainState, device: torch.device
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless (images (b, 3, S, S) uint8, targets (K, 6)) micro-batches on the device, epoch after epoch, keeping
+    state.epoch and state.batch_in_epoch current so a checkpoint knows where the data stands."""
+    while True:
+        loader.batch_sampler.set_epoch(state.epoch, start_batch=state.batch_in_epoch)
+        for images, targets, _ in checked_batches(loader):
+            state.batch_in_epoch += 1
+            state.skipped_images += loader.batch_sampler.batch_size - len(images)
+            if len(images):  # every image of the batch unreadable and skipped
+                yield images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+
+
+# -- one optimiser step -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepResult:
+    """What one optimiser step did."""
+
+    losses: dict[str, float]  # total, xy, wh, obj, cls: per image, averaged over the micro-batches
+    grad_norm: float  # before clipping (inf / nan when the step was skipped)
+    skipped: bool  # True when the loss or gradients were not finite: nothing changed (weights, BatchNorm statistics)
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """train.amp -> the autocast dtype on this device, or None for fp32 (fp16 needs CUDA; bf16 works on both)."""
+    if amp == "fp16" and device.type == "cuda":
+        return torch.float16
+    if amp == "bf16":
+        return torch.bfloat16
+    return None
+
+
+class BufferSnapshot:
+    """A copy of a module's buffers (BatchNorm statistics) in one flat tensor per dtype, restorable in place.
+
+    One concatenation per dtype instead of a clone per buffer: YOLOv3 has ~225 buffers, each clone a kernel launch
+    on CUDA, every step; the restore (rare: skipped steps only) copies them back one by one.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.buffers = list(module.buffers())
+        dtypes = sorted({b.dtype for b in self.buffers}, key=str)
+        self.flat = {dtype: torch.cat([b.detach().reshape(-1) for b in self.buffers if b.dtype == dtype])
+                     for dtype in dtypes}
+
+    def restore(self) -> None:
+        """Copy the saved values back into the module's buffers."""
+        for dtype, flat in self.flat.items():
+            group = [b for b in self.buffers if b.dtype == dtype]
+            for buffer, part in zip(group, flat.split([b.numel() for b in group]), strict=True):
+                buffer.copy_(part.view_as(buffer))
+
+
+def train_step(model: nn.Module, loss_fn: YOLOLoss, micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+               optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, amp_dtype: torch.dtype | None,
+               clip_grad_norm: float | None) -> StepResult:
+    """Forward/backward each micro-batch (images (b, 3, S, S), targets (K, 6) on the device), then one update.
+
+    Each micro-batch's loss is per image; dividing by the number of micro-batches makes the summed gradient the
+    per-image mean over the whole batch, as one big batch would give. Under DDP the gradients are synchronised on
+    the last micro-batch only (no_sync before), once per step.
+    """
+    device_type = micro_batches[0][0].device.type
+    sums: dict[str, torch.Tensor] = {}
+    saved = BufferSnapshot(model)  # BatchNorm statistics, restored if the step is skipped
+    for i, (images, targets) in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                outputs = model(images)
+            loss, terms = loss_fn([o.float() for o in outputs], targets)
+            scaler.scale(loss / len(micro_batches)).backward()
+        for key, value in {"total": loss.detach(), **terms}.items():  # summed on the device: no sync per term
+            sums[key] = sums[key] + value if key in sums else value
+    # averaged over ranks as well: every rank logs the same loss and takes the same decision to skip (a non-finite
+    # loss on one rank with finite gradients would otherwise skip the step there only, and the weights would part)
+    means = all_reduce_mean({key: value / len(micro_batches) for key, value in sums.items()})
+    totals = dict(zip(means, torch.stack(list(means.values())).tolist(), strict=True))
+    scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    max_norm = clip_grad_norm if clip_grad_norm is not None else math.inf
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    skipped = not math.isfinite(grad_norm) or not math.isfinite(totals["total"])
+    if skipped:  # a NaN forward pass has put NaN into the running statistics that evaluation uses
+        saved.restore()
+    if skipped and not scaler.is_enabled():
+        optimizer.zero_grad(set_to_none=True)  # fp32 / bf16: nothing would catch the non-finite gradients
+    else:
+        scaler.step(optimizer)  # the fp16 scaler skips the update itself when it found inf / nan
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(totals, grad_norm, skipped)
+
+
+# -- non-finite steps: train_step skips them; this counts them in a row and says when training has diverged -------
+
+
+def describe_step(step: int, result: StepResult, lr: float) -> str:
+    """'step 7: loss nan (xy 0.1 wh nan obj 2.3 cls 0.4), grad norm nan, lr 1.00e-03' for messages."""
+    terms = " ".join(f"{k} {v:.4g}" for k, v in result.losses.items() if k != "total")
+    return (f"step {step}: loss {result.losses['total']:.4g} ({terms}), grad norm {result.grad_norm:.4g}, "
+            f"lr {lr:.2e}")
+
+
+@dataclass
+class BadStepCounter:
+    """Counts consecutive skipped (non-finite) steps; `update` returns the stop message at `max_bad_steps` in a row.
+
+    A skipped step leaves weights, optimiser and BatchNorm statistics as they were (train_step), so a few in a
+    row are harmless (the fp16 GradScaler skips some by design while it finds its scale); many in a row mean the
+    data or the learning rate is broken and more steps only burn time.
+    """
+
+    max_bad_steps: int
+    checkpoint: Path  # last.pt of the run: the stop message says whether it holds the last good state
+    in_a_row: int = 0
+
+    def update(self, step: int, result: StepResult, lr: float) -> str | None:
+        """Count `result` of optimiser step number `step` (1-based), run at learning rate `lr`; None, or why training
+        stops."""
+        if not result.skipped:
+            self.in_a_row = 0
+            return None
+        self.in_a_row += 1
+        where = describe_step(step, result, lr)
+        log.warning("skipped %s (%d in a row; training stops at train.max_bad_steps=%d)", where, self.in_a_row,
+                    self.max_bad_steps)
+        if self.in_a_row < self.max_bad_steps:
+            return None
+        kept = f"{self.checkpoint} is left as the last good checkpoint" if self.checkpoint.is_file() else \
+            f"no checkpoint had been written yet ({self.checkpoint})"
+        return (f"{self.in_a_row} optimiser steps in a row had a non-finite loss or gradient "
+                f"(train.max_bad_steps={self.max_bad_steps}); the last was {where}. {kept}. Look for NaN/Inf in the "
+                "data, lower train.lr or set train.clip_grad_norm, then resume")
+
+
+# -- progress ---------------------------------------------------------------------------------------------------
+
+
+class ProgressWindow:
+    """Images, data-wait time and wall time since the last log line."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new window now."""
+        self.start, self.data, self.images = time.perf_counter(), 0.0, 0
+
+    def log(self, logger: RunLogger, trainer: Trainer, result: StepResult, steps: int, device: torch.device) -> None:
+        """One log line and the TensorBoard scalars for the step just taken; the window starts again."""
+        state, seconds = trainer.state, time.perf_counter() - self.start
+        memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else \
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        lr = trainer.scheduler.get_last_lr()[0]
+        scalars = {**{f"loss/{k}": v for k, v in result.losses.items()}, "lr": lr,
+                   "grad_norm": result.grad_norm, "speed/images_per_s": self.images / seconds,
+                   "speed/data_fraction": self.data / seconds, "memory_gb": memory / 2**30,
+                   "skipped_steps": state.skipped_steps, "skipped_images": state.skipped_images}
+        logger.scalars(scalars, state.step)
+        losses = result.losses
+        log.info("step %d/%d | loss %.4f (xy %.3f wh %.3f obj %.3f cls %.3f) | lr %.2e | grad %.2f | "
+                 "%.1f img/s, data %.0f%% | skipped %d steps, %d images", state.step, steps, losses["total"],
+                 losses["xy"], losses["wh"], losses["obj"], losses["cls"], lr, result.grad_norm,
+                 scalars["speed/images_per_s"], 100 * scalars["speed/data_fraction"], state.skipped_steps,
+                 state.skipped_images)
+        self.reset()
+
+
+# -- optimiser and learning-rate schedule: Darknet's burn-in, then steps, cosine with restarts, or constant ------
+
+
+BURN_IN_POWER = 4  # Darknet's `power=4` for burn_in (network.c, get_current_rate)
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """[decay group, no-decay group]: weight decay on conv / linear weights only.
+
+    A parameter with ndim <= 1 gets no decay: BatchNorm weights and biases and every bias are vectors, while
+    conv (4-d) and linear (2-d) weights are not. Testing the shape, not the module type, also covers the
+    norm layers of torchvision encoders and any layer added later (YOLO practice: decay only the weights).
+    """
+    params = list(model.parameters())  # shared parameters appear once
+    return [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, train_cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam (betas (momentum, 0.999), L2 weight decay) or SGD (momentum, no Nesterov) over `parameter_groups`."""
+    groups = parameter_groups(model, train_cfg.weight_decay)
+    if train_cfg.optimizer == "adam":
+        # Adam's own weight_decay adds decay * w to the gradient (L2, as the seed did), not AdamW's decoupled decay.
+        return torch.optim.Adam(groups, lr=train_cfg.lr, betas=(train_cfg.momentum, 0.999))
+    if train_cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=train_cfg.lr, momentum=train_cfg.momentum, nesterov=False)
+    raise ValueError(f"train.optimizer={train_cfg.optimizer!r}: unknown optimizer; use one of {OPTIMIZERS}")
+
+
+def cosine_restart_position(t: int, t0: int, t_mult: int) -> tuple[int, int]:
+    """(t_cur, T): position in, and length of, the SGDR cycle holding step t >= 0; cycles last t0, t0*t_mult, ..."""
+    if t_mult == 1:
+        return t % t0, t0
+    length = t0
+    while t >= length:  # integer arithmetic: exact at cycle boundaries, where a log formula can round wrongly
+        t -= length
+        length *= t_mult
+    return t, length
+
+
+def lr_factor(step: int, train_cfg: TrainConfig) -> float:
+    """Multiplier of train_cfg.lr for the optimiser update of 0-based index `step` (step 0: the first update).
+
+    Burn-in (Darknet's warm-up, network.c get_current_rate): ((step + 1) / burn_in) ** 4 for step < burn_in.
+    Darknet counts `batch_num` after adding the current batch to `seen` (train_network_datum increments `seen`
+    before update_network), so its first update uses (1 / burn_in) ** 4, not 0; step + 1 is that count.
+    The ramp reaches exactly 1 at step burn_in - 1 and joins the schedule without a jump.
+
+    After burn-in:
+    - steps: the product of lr_scales[i] over every lr_steps[i] <= step (Darknet's `policy=steps`; it compares
+      with its 1-based count, so Darknet switches one update earlier than this, which is negligible).
+    - cosine: SGDR (Loshchilov & Hutter 2017, eq. 5) over t = step - burn_in with cycles cosine_t0,
+      cosine_t0 * cosine_t_mult, ...: eta_min + (lr - eta_min) * (1 + cos(pi * t_cur / T)) / 2, divided by lr.
+    - constant: 1.
+    """
+    if step < train_cfg.burn_in:
+        return ((step + 1) / train_cfg.burn_in) ** BURN_IN_POWER
+    if train_cfg.scheduler == "steps":
+        return math.prod(scale for at, scale in zip(train_cfg.lr_steps, train_cfg.lr_scales, strict=True)
+                         if at <= step)
+    if train_cfg.scheduler == "cosine":
+        t_cur, length = cosine_restart_position(step - train_cfg.burn_in, train_cfg.cosine_t0, train_cfg.cosine_t_mult)
+        floor = train_cfg.cosine_eta_min / train_cfg.lr
+        return floor + (1 - floor) * (1 + math.cos(math.pi * t_cur / length)) / 2
+    if train_cfg.scheduler == "constant":
+        return 1.0
+    raise ValueError(f"train.scheduler={train_cfg.scheduler!r}: unknown scheduler; use steps, cosine or constant")
+
+
+class ResumableLambdaLR(LambdaLR):
+    """LambdaLR whose load_state_dict also sets the optimiser's lr to the resumed step's.
+
+    Plain LambdaLR only restores `last_epoch`, so the update right after a resume would use whatever lr the
+    optimiser held (the step-0 warm-up lr when the scheduler is built after the optimiser state was loaded).
+    """
+
+    def step(self, epoch: int | None = None) -> None:
+        """LambdaLR.step without torch's warning that it came before optimizer.step(): the schedule is indexed by
+        optimiser step, skipped or not, and fp16 runs skip their first update(s) while GradScaler finds its scale
+        (every AMP run on a GPU printed the warning, which also claims, falsely here, that a value was skipped)."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before "
+                                    r"`optimizer\.step\(\)`")
+            super().step(epoch)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore last_epoch and base_lrs, then write base_lr * factor(last_epoch) into each param group."""
+        super().load_state_dict(state_dict)
+        lrs = [base * fn(self.last_epoch) for base, fn in zip(self.base_lrs, self.lr_lambdas, strict=True)]
+        for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
+            group["lr"] = lr
+        self._last_lr = lrs
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, train_cfg: TrainConfig) -> LambdaLR:
+    """LambdaLR of `lr_factor`, stepped once per optimiser step; on return the groups hold step 0's lr.
+
+    The schedule itself is not in the state_dict (only last_epoch and base_lrs are): a resumed run follows the
+    schedule of the train_cfg it is built with.
+    """
+    return ResumableLambdaLR(optimizer, lambda step: lr_factor(step, train_cfg))
+
+
+# -- exponential moving average of the weights, evaluated and saved instead of the raw weights -------------------
+
+
+class ModelEMA:
+    """ema = d * ema + (1 - d) * weights after every optimiser step, with d ramped from 0 to `decay` over the first
+    few thousand updates (d = decay * (1 - exp(-updates / ramp))), so early weights are not averaged in for long.
+    BatchNorm running statistics (buffers) are averaged too."""
+
+    def __init__(self, model: nn.Module, decay: float = 0.9999, ramp: float = 2000.0) -> None:
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self.decay, self.ramp, self.updates = decay, ramp, 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """Fold the model's current weights into the average."""
+        self.updates += 1
+        d = self.decay * (1 - math.exp(-self.updates / self.ramp))
+        current = model.state_dict()
+        for name, value in self.module.state_dict().items():
+            if value.dtype.is_floating_point:
+                value.mul_(d).add_(current[name].detach(), alpha=1 - d)
+            else:
+                value.copy_(current[name])
+
+    def state_dict(self) -> dict:
+        """The averaged weights and the update count."""
+        return {"module": self.module.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what state_dict returned."""
+        self.module.load_state_dict(state["module"])
+        self.updates = state["updates"]
+
+
+# -- evaluation: batched inference -> COCO rows (gathered over ranks) -> the COCO API's numbers ------------------
+
+
+@dataclass
+class EvalResult:
+    """Everything one evaluation produced."""
+
+    stats: dict[str, float]  # COCO_STATS -> value (0.0 for everything when there is no detection)
+    per_class_ap50: dict[str, float]  # class name -> AP50 (nan for classes without ground truth in the images)
+    table: str  # the COCO API's printed summary
+    rows: np.ndarray  # (M, 7) [image_id, x, y, w, h, score, category_id], original pixels and category ids
+    seconds: dict[str, float] = field(default_factory=dict)  # data, model, postprocess, cocoeval
+
+
+@torch.inference_mode()
+def predict(model: torch.nn.Module, loader: DataLoader, eval_cfg: EvalConfig, device: torch.device,
+            amp: bool = False, progress: bool = True) -> tuple[np.ndarray, dict[str, float]]:
+    """Run the model over the loader; returns COCO rows (M, 7) at eval_cfg.conf_threshold and seconds per stage."""
+    model.eval()
+    category_ids = loader.dataset.category_ids
+    seconds: dict[str, float] = defaultdict(float)
+    rows = [np.zeros((0, 7))]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    start = time.perf_counter()
+    for images, _, metas in tqdm(checked_batches(loader), total=len(loader), desc="evaluating", unit="batch",
+                                 disable=not progress, leave=False):
+        seconds["data"] += time.perf_counter() - start
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.float16, enabled=amp and device.type == "cuda"):
+            pred = model(images.to(device, non_blocking=True)).float()
+        sync()
+        seconds["model"] += time.perf_counter() - start
+        start = time.perf_counter()
+        detections = postprocess(pred, eval_cfg.conf_threshold, eval_cfg.nms_iou, eval_cfg.max_det,
+                                 eval_cfg.max_candidates, eval_cfg.multi_label)
+        rows.append(to_coco_rows(to_original_pixels(detections.cpu(), metas), metas, category_ids))
+        seconds["postprocess"] += time.perf_counter() - start
+        start = time.perf_counter()
+    return np.concatenate(rows), dict(seconds)
+
+
+def evaluate(model: torch.nn.Module, loader: DataLoader, eval_cfg: EvalConfig, device: torch.device,
+             amp: bool = False, progress: bool = True) -> EvalResult:
+    """Predict over the loader's dataset (this rank's shard under DDP, the rows gathered from all ranks) and score
+    it with the COCO API (eval_cfg.backend) on rank 0; every rank returns the stats, rank 0 the per-class AP50 and
+    the table too."""
+    rows, seconds = predict(model, loader, eval_cfg, device, amp, progress)
+    rows = all_gather_rows(rows)  # every rank predicted its shard (datasets/loader.py ShardSampler)
+    dataset = loader.dataset
+    start = time.perf_counter()
+    stats, per_class, table = {}, {}, ""
+    if is_main_process():
+        stats, per_class, table = coco_evaluate(dataset.coco, rows, dataset.ids, dataset.class_names,
+                                                eval_cfg.backend)
+    seconds["cocoeval"] = time.perf_counter() - start
+    return EvalResult(broadcast_object(stats), per_class, table, rows, seconds)
+
+
+def prediction_grid(dataset, rows: np.ndarray, count: int, min_score: float = 0.3) -> np.ndarray:  # noqa: ANN001
+    """The first `count` images of a CocoDetection with their true boxes (white; crowd regions left out) and the
+    COCO rows (M, 7) above min_score (class colours), as one (H, W, 3) uint8 grid."""
+    tiles = []
+    for image_id in dataset.ids[:count]:
+        mine = rows[(rows[:, 0] == image_id) & (rows[:, 5] >= min_score)]
+        xyxy = np.concatenate([mine[:, 1:3], mine[:, 1:3] + mine[:, 3:5]], 1)
+        classes = np.array([dataset.category_to_class[int(c)] for c in mine[:, 6]], int)
+        tiles.append(draw_detections(dataset.load_image(image_id), xyxy, classes, dataset.class_names, mine[:, 5],
+                                     dataset.targets[image_id][0]))
+    return image_grid(tiles)

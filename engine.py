@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import math
 import random
 import resource
+import statistics
 import time
 import warnings
 from collections import defaultdict
@@ -37,7 +39,7 @@ from datasets.loader import checked_batches
 from models.loss import YOLOLoss, build_loss
 from models.postprocess import postprocess, to_original_pixels
 from utils.config import OPTIMIZERS, Config, EvalConfig, TrainConfig, config_to_dict
-from utils.distributed import all_gather_rows, all_reduce_mean, broadcast_object, is_main_process
+from utils.distributed import all_gather_rows, all_reduce_mean, broadcast_object, get_world_size, is_main_process
 from utils.logger import RunLogger, log
 from utils.plots import draw_detections, image_grid
 
@@ -56,6 +58,7 @@ class TrainState:
     evals_without_improvement: int = 0
     skipped_steps: int = 0
     skipped_images: int = 0  # unreadable images left out of their batch (data.skip_bad_images)
+    planned_steps: int | None = None  # the run's length as train.time_limit fitted it (None: train.steps)
 
     def record_evaluation(self, metric: float, patience: int | None) -> tuple[bool, bool]:
         """Count an evaluation's metric: (it is the best so far, patience is exhausted and training stops)."""
@@ -88,6 +91,7 @@ def set_rng_state(state: dict) -> None:
 class Trainer:
     """Everything a training run updates, built from the config; `state_dict` is one checkpoint's contents."""
 
+    cfg: Config
     model: nn.Module  # unwrapped (not the DDP wrapper)
     loss_fn: YOLOLoss
     optimizer: torch.optim.Optimizer
@@ -95,39 +99,162 @@ class Trainer:
     scaler: torch.amp.GradScaler
     amp_dtype: torch.dtype | None
     ema: ModelEMA | None
+    class_names: list[str]  # the training data's, in class order: a later --weights run matches classes by name
     state: TrainState = field(default_factory=TrainState)
 
     @classmethod
-    def build(cls, model: nn.Module, cfg: Config, device: torch.device) -> Trainer:
+    def build(cls, model: nn.Module, cfg: Config, device: torch.device, class_names: list[str]) -> Trainer:
         """Loss, optimiser, schedule, precision and EMA for `model` (already on `device`)."""
         optimizer = build_optimizer(model, cfg.train)
         amp_dtype = autocast_dtype(cfg.train.amp, device)
-        return cls(model, build_loss(model, cfg.loss), optimizer, build_scheduler(optimizer, cfg.train),
+        return cls(cfg, model, build_loss(model, cfg.loss), optimizer, build_scheduler(optimizer, cfg.train),
                    torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16), amp_dtype,
-                   ModelEMA(model, cfg.train.ema_decay) if cfg.train.ema else None)
+                   ModelEMA(model, cfg.train.ema_decay) if cfg.train.ema else None, list(class_names))
 
-    def state_dict(self, cfg: Config) -> dict[str, Any]:
-        """model, EMA, optimiser, scheduler, scaler, state, the resolved config and the RNG states."""
+    @property
+    def steps(self) -> int:
+        """The run's length in optimiser steps: train.steps, or what train.time_limit fitted."""
+        return self.state.planned_steps or self.cfg.train.steps
+
+    def plan(self, steps: int) -> None:
+        """Make the run `steps` steps long: the lr schedule is resolved anew for it, from the current step on."""
+        self.state.planned_steps = steps
+        position = self.scheduler.state_dict()
+        self.scheduler = build_scheduler(self.optimizer, self.cfg.train, steps)
+        self.scheduler.load_state_dict(position)  # same step; the optimiser's lr is the new schedule's
+
+    def apply_freeze(self) -> None:
+        """train.freeze for the first train.freeze_steps steps: the encoder gets no gradient (so no update) and its
+        BatchNorm layers use and keep their running statistics; from then on everything trains."""
+        if self.cfg.train.freeze == "none":
+            return
+        frozen = self.state.step < self.cfg.train.freeze_steps
+        encoder = self.model.encoder
+        for p in encoder.parameters():
+            p.requires_grad_(not frozen)
+        encoder.train(self.model.training and not frozen)
+
+    def state_dict(self) -> dict[str, Any]:
+        """model, EMA, optimiser, scheduler, scaler, state, the resolved config, class names and RNG states."""
         return {"model": self.model.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(), "state": asdict(self.state), "config": config_to_dict(cfg),
-                "rng": rng_state()}
+                "scaler": self.scaler.state_dict(), "state": asdict(self.state), "config": config_to_dict(self.cfg),
+                "class_names": self.class_names, "rng": rng_state()}
 
     def load_state_dict(self, checkpoint: dict[str, Any]) -> None:
-        """Continue exactly where the checkpoint's run stopped (weights, optimiser, schedule, data position, RNGs)."""
+        """Continue exactly where the checkpoint's run stopped (weights, optimiser, schedule and its fitted length,
+        data position, RNGs)."""
         self.model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.state = TrainState(**checkpoint["state"])
+        if self.state.planned_steps:
+            self.scheduler = build_scheduler(self.optimizer, self.cfg.train, self.state.planned_steps)
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         self.scaler.load_state_dict(checkpoint["scaler"])
         if self.ema and checkpoint.get("ema"):
             self.ema.load_state_dict(checkpoint["ema"])
-        self.state = TrainState(**checkpoint["state"])
         set_rng_state(checkpoint["rng"])
+
+    def step(self, model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], window: ProgressWindow
+             ) -> StepResult:
+        """One optimiser step of `model` (the model or its DDP wrapper) on train.subdivisions micro-batches: the
+        update, the schedule's next lr, the EMA; the step's data wait and images go into `window`."""
+        start = time.perf_counter()
+        step_batches = [next(batches) for _ in range(self.cfg.train.subdivisions)]
+        window.data += time.perf_counter() - start
+        window.images += sum(len(images) for images, _ in step_batches) * get_world_size()
+        self.apply_freeze()
+        result = train_step(model, self.loss_fn, step_batches, self.optimizer, self.scaler, self.amp_dtype,
+                            self.cfg.train.clip_grad_norm)
+        result.size = step_batches[0][0].shape[-1]
+        return result
+
+    def finish_step(self, result: StepResult) -> None:
+        """After a step that did not stop the run: the schedule moves on, the EMA takes the new weights."""
+        self.scheduler.step()
+        if self.ema and not result.skipped:
+            self.ema.update(self.model)
+        self.state.step += 1
+        self.state.skipped_steps += result.skipped
 
     @property
     def eval_model(self) -> nn.Module:
         """The weights training evaluates: the EMA's when there is one."""
         return self.ema.module if self.ema else self.model
+
+
+class TimeBudget:
+    """train.time_limit: the run's step count fitted to the minutes it has.
+
+    The first PROBE_STEPS steps are timed (the first WARMUP_STEPS left out; the median step counts), one
+    evaluation's time is estimated from two validation batches and one last.pt write is timed; then the run is made
+    as many steps long as fit in the limit less MARGIN of it, with every evaluation (eval.every and the last) and
+    checkpoint it will make. Step times are scaled by the input area, so a probe at one multi-scale size predicts
+    the whole range. At a quarter of the run the fit is made once more from all steps timed so far (within
+    REFIT_RANGE of the first fit, so that burn-in, already over, cannot come back). The limit counts from the
+    start of main.py (set-up included); a resumed run keeps its plan and has no limit of its own.
+    """
+
+    PROBE_STEPS, WARMUP_STEPS, MARGIN, REFIT_RANGE = 12, 2, 0.03, (0.5, 2.0)
+
+    def __init__(self, minutes: float, started: float) -> None:
+        self.limit, self.started = 60 * minutes, started
+        self.samples: list[tuple[int, float, int]] = []  # (step, seconds, input side)
+        self.refit_at: int | None = None
+        self.last = time.perf_counter()
+
+    def record(self, step: int, size: int) -> None:
+        """Time the step `step` (1-based) just finished, at input side `size`."""
+        now = time.perf_counter()
+        self.samples.append((step, now - self.last, size))
+        self.last = now
+
+    def due(self, step: int, planned: bool) -> bool:
+        """Whether the run should be (re)fitted after step `step`."""
+        return (not planned and step == self.PROBE_STEPS) or step == self.refit_at
+
+    def fit(self, step: int, sizes: list[int], eval_seconds: float, checkpoint_seconds: float, cfg: Config,
+            current: int | None) -> int:
+        """The step count that ends the run inside the limit (at least `step`); `sizes` are the training sizes."""
+        # seconds per input pixel: at the first fit the median step (one-off costs left out: worker start-up, kernels
+        # made for each new input size), at the refit the mean of every step since (what the run really costs)
+        first = current is None
+        rates = [t / (s * s) for k, t, s in self.samples if k > (self.WARMUP_STEPS if first else self.PROBE_STEPS)]
+        per_pixel = statistics.median(rates) if first else statistics.fmean(rates)
+        step_seconds = per_pixel * sum(s * s for s in sizes) / len(sizes)
+        left = self.limit * (1 - self.MARGIN) - (time.perf_counter() - self.started)
+
+        def cost(n: int) -> float:
+            evals = sum(1 for k in range(step + 1, n + 1) if k % cfg.eval.every == 0 or k == n)
+            checkpoints = sum(1 for k in range(step + 1, n + 1) if k % cfg.train.checkpoint_every == 0) + 1 + evals
+            return (n - step) * step_seconds + evals * eval_seconds + checkpoints * checkpoint_seconds
+
+        n = step + max(0, int(left / step_seconds))
+        if current is not None:
+            n = min(max(n, int(self.REFIT_RANGE[0] * current)), int(self.REFIT_RANGE[1] * current))
+        while n > step and cost(n) > left:
+            n -= max(1, int((cost(n) - left) / step_seconds))
+        n = max(n, step)
+        refit = max(step + self.PROBE_STEPS, n // 4)
+        self.refit_at = refit if current is None and refit < n else None
+        log.info("fitted %d steps to %.1f min (%.3f s per step over sizes %d-%d, one evaluation ~%.1f s, one "
+                 "checkpoint %.1f s; %.1f min used so far)%s", n, self.limit / 60, step_seconds, min(sizes),
+                 max(sizes), eval_seconds, checkpoint_seconds, (time.perf_counter() - self.started) / 60,
+                 "" if current is None else f", re-fitted from {current}")
+        if n == step:
+            log.warning("train.time_limit %.1f min leaves no time for more than the %d timed steps", self.limit / 60,
+                        step)
+        return n
+
+
+def estimate_eval_seconds(model: nn.Module, loader: DataLoader, eval_cfg: EvalConfig, device: torch.device,
+                          amp: bool = False) -> float:
+    """Seconds one evaluation over `loader` will take: two batches timed, scaled to the loader, plus the COCO API's
+    time (about 5 ms per image)."""
+    start, training, batches = time.perf_counter(), model.training, min(2, len(loader))
+    predict(model, loader, eval_cfg, device, amp, progress=False, max_batches=batches)
+    model.train(training)
+    return (time.perf_counter() - start) / batches * len(loader) + 0.005 * len(loader.dataset) + 0.5
 
 
 # -- data -------------------------------------------------------------------------------------------------------
@@ -157,6 +284,7 @@ class StepResult:
     losses: dict[str, float]  # total, xy, wh, obj, cls: per image, averaged over the micro-batches
     grad_norm: float  # before clipping (inf / nan when the step was skipped)
     skipped: bool  # True when the loss or gradients were not finite: nothing changed (weights, BatchNorm statistics)
+    size: int = 0  # the input side of the step's batches (set by Trainer.step)
 
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -310,6 +438,7 @@ class ProgressWindow:
 
 
 BURN_IN_POWER = 4  # Darknet's `power=4` for burn_in (network.c, get_current_rate)
+BURN_IN_SHARE = 0.1  # burn-in takes at most this share of a run's steps
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -346,8 +475,32 @@ def cosine_restart_position(t: int, t0: int, t_mult: int) -> tuple[int, int]:
     return t, length
 
 
-def lr_factor(step: int, train_cfg: TrainConfig) -> float:
-    """Multiplier of train_cfg.lr for the optimiser update of 0-based index `step` (step 0: the first update).
+@dataclass(frozen=True)
+class Schedule:
+    """The lr schedule of one run in absolute optimiser steps: train.* resolved for a run of `steps` steps."""
+
+    steps: int
+    burn_in: int
+    lr_steps: tuple[int, ...]
+    cosine_t0: int
+
+
+def resolve_schedule(train_cfg: TrainConfig, steps: int | None = None) -> Schedule:
+    """train_cfg's schedule for a run of `steps` optimiser steps (default train.steps; a time-limited run passes its
+    fitted count). Fractional lr_steps (all below 1) are fractions of `steps`; absolute lr_steps and cosine_t0 scale
+    by steps / train.steps, so a fitted run keeps the schedule's shape. Burn-in is at most BURN_IN_SHARE of the run
+    (rounded down), so that a short run is not all warm-up; COCO's 1000 of 500,200 is untouched."""
+    steps = train_cfg.steps if steps is None else steps
+    scale = steps / train_cfg.steps
+    fractions = all(v < 1 for v in train_cfg.lr_steps)
+    lr_steps = tuple(round(v * steps) if fractions else round(v * scale) for v in train_cfg.lr_steps)
+    return Schedule(steps, min(train_cfg.burn_in, int(BURN_IN_SHARE * steps)), lr_steps,
+                    max(1, round(train_cfg.cosine_t0 * scale)))
+
+
+def lr_factor(step: int, train_cfg: TrainConfig, steps: int | None = None) -> float:
+    """Multiplier of train_cfg.lr for the optimiser update of 0-based index `step` (step 0: the first update) in a
+    run of `steps` steps (default train.steps; see resolve_schedule).
 
     Burn-in (Darknet's warm-up, network.c get_current_rate): ((step + 1) / burn_in) ** 4 for step < burn_in.
     Darknet counts `batch_num` after adding the current batch to `seen` (train_network_datum increments `seen`
@@ -361,13 +514,13 @@ def lr_factor(step: int, train_cfg: TrainConfig) -> float:
       cosine_t0 * cosine_t_mult, ...: eta_min + (lr - eta_min) * (1 + cos(pi * t_cur / T)) / 2, divided by lr.
     - constant: 1.
     """
-    if step < train_cfg.burn_in:
-        return ((step + 1) / train_cfg.burn_in) ** BURN_IN_POWER
+    plan = resolve_schedule(train_cfg, steps)
+    if step < plan.burn_in:
+        return ((step + 1) / plan.burn_in) ** BURN_IN_POWER
     if train_cfg.scheduler == "steps":
-        return math.prod(scale for at, scale in zip(train_cfg.lr_steps, train_cfg.lr_scales, strict=True)
-                         if at <= step)
+        return math.prod(scale for at, scale in zip(plan.lr_steps, train_cfg.lr_scales, strict=True) if at <= step)
     if train_cfg.scheduler == "cosine":
-        t_cur, length = cosine_restart_position(step - train_cfg.burn_in, train_cfg.cosine_t0, train_cfg.cosine_t_mult)
+        t_cur, length = cosine_restart_position(step - plan.burn_in, plan.cosine_t0, train_cfg.cosine_t_mult)
         floor = train_cfg.cosine_eta_min / train_cfg.lr
         return floor + (1 - floor) * (1 + math.cos(math.pi * t_cur / length)) / 2
     if train_cfg.scheduler == "constant":
@@ -400,13 +553,15 @@ class ResumableLambdaLR(LambdaLR):
         self._last_lr = lrs
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, train_cfg: TrainConfig) -> LambdaLR:
-    """LambdaLR of `lr_factor`, stepped once per optimiser step; on return the groups hold step 0's lr.
+def build_scheduler(optimizer: torch.optim.Optimizer, train_cfg: TrainConfig, steps: int | None = None) -> LambdaLR:
+    """LambdaLR of `lr_factor` for a run of `steps` steps (default train.steps), stepped once per optimiser step;
+    on return the groups hold step 0's lr.
 
     The schedule itself is not in the state_dict (only last_epoch and base_lrs are): a resumed run follows the
-    schedule of the train_cfg it is built with.
+    schedule of the train_cfg (and step count) it is built with.
     """
-    return ResumableLambdaLR(optimizer, lambda step: lr_factor(step, train_cfg))
+    plan = resolve_schedule(train_cfg, steps)  # resolved once: lr_factor's own resolution gives the same numbers
+    return ResumableLambdaLR(optimizer, lambda step: lr_factor(step, train_cfg, plan.steps))
 
 
 # -- exponential moving average of the weights, evaluated and saved instead of the raw weights -------------------
@@ -461,16 +616,19 @@ class EvalResult:
 
 @torch.inference_mode()
 def predict(model: torch.nn.Module, loader: DataLoader, eval_cfg: EvalConfig, device: torch.device,
-            amp: bool = False, progress: bool = True) -> tuple[np.ndarray, dict[str, float]]:
-    """Run the model over the loader; returns COCO rows (M, 7) at eval_cfg.conf_threshold and seconds per stage."""
+            amp: bool = False, progress: bool = True, max_batches: int | None = None
+            ) -> tuple[np.ndarray, dict[str, float]]:
+    """Run the model over the loader (its first max_batches batches only, if given); returns COCO rows (M, 7) at
+    eval_cfg.conf_threshold and seconds per stage."""
     model.eval()
     category_ids = loader.dataset.category_ids
     seconds: dict[str, float] = defaultdict(float)
     rows = [np.zeros((0, 7))]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     start = time.perf_counter()
-    for images, _, metas in tqdm(checked_batches(loader), total=len(loader), desc="evaluating", unit="batch",
-                                 disable=not progress, leave=False):
+    batches = itertools.islice(checked_batches(loader), max_batches)
+    for images, _, metas in tqdm(batches, total=min(len(loader), max_batches or len(loader)), desc="evaluating",
+                                 unit="batch", disable=not progress, leave=False):
         seconds["data"] += time.perf_counter() - start
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.float16, enabled=amp and device.type == "cuda"):

@@ -28,23 +28,25 @@ import torch
 from tqdm import tqdm
 
 from datasets.coco import CocoDetection, DatasetError
-from datasets.loader import LoaderError, build_dataset, build_loader
+from datasets.coco_names import COCO_NAMES
+from datasets.loader import LoaderError, build_dataset, build_loader, train_sizes
 from engine import (
     BadStepCounter,
     EvalResult,
     ProgressWindow,
+    TimeBudget,
     Trainer,
+    estimate_eval_seconds,
     evaluate,
     micro_batches,
     prediction_grid,
-    train_step,
 )
 from models import build_model
-from models.transfer import load_start_weights
+from models.transfer import start_from
 from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from utils.cli import add_config_args, training_device
 from utils.config import COCO_STATS, Config, ConfigError, config_from_dict, load_config, save_config
-from utils.distributed import broadcast_object, cleanup, init_distributed, is_distributed
+from utils.distributed import broadcast_object, cleanup, init_distributed, is_distributed, is_main_process
 from utils.logger import RunLogger, log, setup_console_logging
 
 RESUME_FIXED = ("model.", "train.optimizer")  # config keys a resumed run cannot change (--set on --resume)
@@ -102,16 +104,21 @@ def training_data(cfg: Config, world: int, device: torch.device
     return train_set, train_loader, val_loader
 
 
-def build_start_model(cfg: Config, args: argparse.Namespace, resumed: bool, world: int) -> torch.nn.Module:
-    """The model of cfg.model, with --weights loaded (a new run) and SyncBatchNorm under DDP (train.sync_bn)."""
+def build_start_model(cfg: Config, args: argparse.Namespace, resumed: bool, world: int, names: list[str]
+                      ) -> torch.nn.Module:
+    """The model of cfg.model (SyncBatchNorm under DDP with train.sync_bn), a new run's started from --weights or,
+    for the darknet53 encoder, model.pretrained_path: any class count, classes matched by name (models/transfer.py;
+    Darknet files hold COCO's 80)."""
     torch.manual_seed(cfg.train.seed)
+    darknet_file = cfg.model.pretrained_path if cfg.model.pretrained and cfg.model.encoder == "darknet53" else None
+    source = None if resumed else args.weights or darknet_file
     model = build_model(cfg.model.arch, cfg.model.encoder, cfg.model.num_classes, cfg.model.anchors,
-                        cfg.model.pretrained and not resumed, cfg.model.pretrained_path)
-    if args.weights and not resumed:
+                        cfg.model.pretrained and not resumed and darknet_file is None, cfg.model.pretrained_path)
+    if source:
         try:
-            log.info("%s: loaded the %s", args.weights, load_start_weights(model, args.weights))
+            log.info("start from %s", start_from(model, source, names, COCO_NAMES))
         except (CheckpointError, ValueError, FileNotFoundError) as e:  # a file that does not fit this model
-            raise SystemExit(f"error: --weights: {e}") from e
+            raise SystemExit(f"error: {'--weights' if args.weights else 'model.pretrained_path'}: {e}") from e
     if cfg.train.sync_bn and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
@@ -145,9 +152,19 @@ def log_evaluation(result: EvalResult, val_loader: torch.utils.data.DataLoader, 
         cv2.imwrite(str(logger.run_dir / "predictions.png"), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
 
 
+def fit_to_time(budget: TimeBudget, trainer: Trainer, val_loader: torch.utils.data.DataLoader, cfg: Config,
+                device: torch.device, checkpoint_seconds: float) -> None:
+    """train.time_limit: fit the run's length to the time left (rank 0 decides, every rank follows)."""
+    eval_seconds = estimate_eval_seconds(trainer.eval_model, val_loader, cfg.eval, device)
+    current = trainer.state.planned_steps
+    steps = broadcast_object(budget.fit(trainer.state.step, train_sizes(cfg), eval_seconds, checkpoint_seconds,
+                                        cfg, current) if is_main_process() else None)
+    trainer.plan(steps)
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Parse, set up, train, evaluate, save; returns the run folder, the final state and the trained model."""
-    args = build_parser().parse_args(argv)
+    started, args = time.perf_counter(), build_parser().parse_args(argv)
     rank, world, local_rank = init_distributed()
     setup_console_logging(rank == 0)
     main_process = rank == 0
@@ -163,28 +180,31 @@ def main(argv: list[str] | None = None) -> dict:
     train_set, train_loader, val_loader = training_data(cfg, world, device)
 
     # -- model, loss, optimiser, schedule, precision, EMA ---------------------------------------------------------
-    model = build_start_model(cfg, args, resumed is not None, world)
+    model = build_start_model(cfg, args, resumed is not None, world, train_set.class_names)
     model.to(device, memory_format=torch.channels_last)  # NHWC convs: faster with oneDNN (CPU) and cuDNN (AMP)
-    trainer = Trainer.build(model, cfg, device)
+    trainer = Trainer.build(model, cfg, device, train_set.class_names)
     if resumed:
         trainer.load_state_dict(resumed)
     state = trainer.state
-    train_model = torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    train_model = torch.nn.parallel.DistributedDataParallel(  # a frozen encoder's parameters get no gradient
+        model, device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=cfg.train.freeze != "none") if world > 1 else model
 
     # -- run folder and logs ----------------------------------------------------------------------------------------
     run_dir = make_run_dir(cfg, args.resume, main_process)
     logger = RunLogger(run_dir, main_process, state.step)
     log.info("run %s | %s/%s, %d classes | %d train, %d val images | device %s x %d | step %d of %d",
              run_dir, cfg.model.arch, cfg.model.encoder, cfg.model.num_classes, len(train_set),
-             len(val_loader.dataset), device, world, state.step, cfg.train.steps)
+             len(val_loader.dataset), device, world, state.step, trainer.steps)
 
-    def checkpoint(name: str) -> None:
+    def checkpoint(name: str) -> float:
+        start = time.perf_counter()
         if main_process:
             try:
-                save_checkpoint(trainer.state_dict(cfg), run_dir / name)
+                save_checkpoint(trainer.state_dict(), run_dir / name)
             except CheckpointError as e:
                 raise SystemExit(f"error: training stopped at step {state.step}: {e}") from e
+        return time.perf_counter() - start
 
     stop: list[int] = []  # the signal that asked to stop; the step in progress finishes, then last.pt is written
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -193,30 +213,27 @@ def main(argv: list[str] | None = None) -> dict:
     # -- the loop --------------------------------------------------------------------------------------------------
     batches = micro_batches(train_loader, state, device)
     # the bar on a terminal; in a file (nohup_0.out) the log lines every logging.every steps are the progress
-    progress = tqdm(total=cfg.train.steps, initial=state.step, disable=not main_process or not sys.stderr.isatty(),
+    progress = tqdm(total=trainer.steps, initial=state.step, disable=not main_process or not sys.stderr.isatty(),
                     desc="train", unit="step", dynamic_ncols=True)
     window, bad_steps = ProgressWindow(), BadStepCounter(cfg.train.max_bad_steps, run_dir / "last.pt")
-    while state.step < cfg.train.steps and not stop:
-        start = time.perf_counter()
-        step_batches = [next(batches) for _ in range(cfg.train.subdivisions)]
-        window.data += time.perf_counter() - start
-        window.images += sum(len(images) for images, _ in step_batches) * world
-        result = train_step(train_model, trainer.loss_fn, step_batches, trainer.optimizer, trainer.scaler,
-                            trainer.amp_dtype, cfg.train.clip_grad_norm)
+    budget = TimeBudget(cfg.train.time_limit, started) if cfg.train.time_limit and not resumed else None
+    while state.step < trainer.steps and not stop:
+        result = trainer.step(train_model, batches, window)
         if diverged := bad_steps.update(state.step + 1, result, trainer.scheduler.get_last_lr()[0]):
             raise SystemExit(f"error: {diverged}")  # no last.pt is written: the one on disk is the last good state
-        trainer.scheduler.step()
-        if trainer.ema and not result.skipped:
-            trainer.ema.update(model)
-        state.step += 1
-        state.skipped_steps += result.skipped
+        trainer.finish_step(result)
         progress.update()
         progress.set_postfix(loss=f"{result.losses['total']:.3f}", lr=f"{trainer.scheduler.get_last_lr()[0]:.2e}")
-        if state.step % cfg.logging.every == 0 or state.step == cfg.train.steps:
-            window.log(logger, trainer, result, cfg.train.steps, device)
+        if budget:
+            budget.record(state.step, result.size)
+            if budget.due(state.step, state.planned_steps is not None):
+                fit_to_time(budget, trainer, val_loader, cfg, device, checkpoint("last.pt"))
+                progress.total = trainer.steps
+        if state.step % cfg.logging.every == 0 or state.step == trainer.steps:
+            window.log(logger, trainer, result, trainer.steps, device)
         if state.step % cfg.train.checkpoint_every == 0:
             checkpoint("last.pt")
-        if state.step % cfg.eval.every == 0 or state.step == cfg.train.steps:
+        if state.step % cfg.eval.every == 0 or state.step == trainer.steps:
             evaluation = evaluate(trainer.eval_model, val_loader, cfg.eval, device, progress=False)
             log_evaluation(evaluation, val_loader, cfg, logger, state.step)
             best, patience_out = state.record_evaluation(evaluation.stats[cfg.eval.metric], cfg.train.patience)

@@ -130,10 +130,9 @@ def build_dataset(cfg: Config, split: str) -> CocoDetection:
 
 
 def train_sizes(cfg: Config) -> list[int]:
-    """The training input sizes: data.multiscale's range in steps of 32, or [data.img_size]."""
-    if cfg.data.multiscale is None:
-        return [cfg.data.img_size]
-    low, high = cfg.data.multiscale
+    """The training input sizes: data.multiscale's range (pixels, or factors of data.img_size) in steps of 32, or
+    [data.img_size]."""
+    low, high = cfg.data.train_size_range()
     return list(range(low, high + 1, 32))
 
 

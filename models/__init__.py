@@ -25,6 +25,7 @@ def build_model(arch: str = "yolov3", encoder: str = "darknet53", num_classes: i
         model = YOLOv3(Darknet53(), num_classes, anchors)
     else:
         model = YOLOv3(MobileNetV3Encoder(encoder, pretrained, pretrained_path), num_classes, anchors)
+    model.encoder_name = encoder
     if pretrained and encoder == "darknet53":
         if pretrained_path is None or not Path(pretrained_path).is_file():
             raise FileNotFoundError(

@@ -73,6 +73,7 @@ class YOLO(nn.Module):
     """Shared by YOLOv3 and YOLOv3-tiny: input normalisation, raw-map reshaping, decoding, Darknet weights I/O."""
 
     arch: str
+    encoder_name: str = "darknet53"  # model.encoder's name (build_model sets it)
     darknet_prefixes: dict[str, int] = {}  # named partial .weights files: name -> number of conv layers
 
     def __init__(self, num_classes: int, anchors: list | None, normalization: tuple | None) -> None:

@@ -70,8 +70,8 @@ def test_weights_that_do_not_fit_stop_training_with_one_line(tmp_path, shapes):
         train_main.main([*tiny_run_args(shapes, tmp_path / "logs"), "--weights", str(darknet)])
     other = tmp_path / "other.pt"
     torch.save({"model": build_model("yolov3-tiny", num_classes=3).state_dict(), "config": {}}, other)
-    with pytest.raises(SystemExit, match=r"^error: --weights: .*other.pt: its weights do not fit the model of this "
-                       "config: Error"):
+    with pytest.raises(SystemExit, match=r"^error: --weights: .*other.pt: weights do not fit the yolov3/darknet53 "
+                       "model its config describes: Error"):
         train_main.main([*tiny_run_args(shapes, tmp_path / "logs2"), "--weights", str(other)])
 
 

@@ -31,6 +31,7 @@ __all__ = ["ConfigError", "Config", "load_config", "config_from_dict", "config_t
 MAX_CLASSES = 10_000  # YOLO9000 detects 9418
 MAX_IMG_SIZE = 8192  # pixels; far beyond what fits in memory with any batch
 MAX_WORKERS = 256
+SCALE_BELOW = 8  # data.multiscale values below this are factors of data.img_size, the others pixels
 
 
 # The model's vocabulary, the one table both this schema and models/ use: the encoders each architecture can be
@@ -118,7 +119,9 @@ class DataConfig:
     val_images: str | None = None
     val_annotations: str | None = None
     img_size: int = 416  # the network downsamples by 32
-    multiscale: list[int] | None = field(default_factory=lambda: [320, 608])  # [min, max], step 32; None: img_size
+    # [min, max] training sizes, step 32: pixels, or factors of img_size (values below SCALE_BELOW; min rounded up,
+    # max down to multiples of 32: the default [0.75, 1.5] gives Darknet's 320-608 at 416, 256-480 at 320)
+    multiscale: list[int | float] | None = field(default_factory=lambda: [0.75, 1.5])  # None: img_size only
     multiscale_every: int = 10  # batches between size changes
     workers: int = 4
     timeout: float = 300.0  # seconds to wait for one batch from the workers before it is an error
@@ -129,10 +132,20 @@ class DataConfig:
         """Raise ConfigError for values the data pipeline cannot use."""
         _check_size(origin, "img_size", self.img_size, self.img_size)
         if self.multiscale is not None:
-            if len(self.multiscale) != 2 or self.multiscale[0] > self.multiscale[1]:
-                origin.fail("multiscale", self.multiscale, "expected [min, max] with min <= max, or null")
-            for size in self.multiscale:
-                _check_size(origin, "multiscale", self.multiscale, size)
+            if len(self.multiscale) != 2 or self.multiscale[0] > self.multiscale[1] or min(self.multiscale) <= 0:
+                origin.fail("multiscale", self.multiscale, "expected [min, max] with 0 < min <= max, or null")
+            if (max(self.multiscale) < SCALE_BELOW) != (min(self.multiscale) < SCALE_BELOW):
+                origin.fail("multiscale", self.multiscale, f"give both as factors of data.img_size (below "
+                            f"{SCALE_BELOW}) or both as pixels, not one of each")
+            if max(self.multiscale) < SCALE_BELOW:
+                low, high = self.train_size_range()
+                if low > high:
+                    origin.fail("multiscale", self.multiscale, f"x data.img_size {self.img_size} holds no multiple "
+                                f"of 32 (from {low} up, to {high} down)")
+                _check_size(origin, "multiscale", self.multiscale, high)
+            else:
+                for size in self.multiscale:
+                    _check_size(origin, "multiscale", self.multiscale, size)
         if self.multiscale_every < 1:
             origin.fail("multiscale_every", self.multiscale_every, "must be at least 1")
         if not 0 <= self.workers <= MAX_WORKERS:
@@ -141,6 +154,16 @@ class DataConfig:
             origin.fail("timeout", self.timeout, "must be a positive number of seconds")
         if self.min_box_size < 0:
             origin.fail("min_box_size", self.min_box_size, "must be >= 0 pixels")
+
+    def train_size_range(self) -> tuple[int, int]:
+        """data.multiscale in pixels (factors x img_size; min rounded up, max down to multiples of 32), or
+        (img_size, img_size) without multi-scale."""
+        if self.multiscale is None:
+            return self.img_size, self.img_size
+        low, high = self.multiscale
+        if max(self.multiscale) < SCALE_BELOW:
+            return 32 * math.ceil(low * self.img_size / 32 - 1e-9), 32 * math.floor(high * self.img_size / 32 + 1e-9)
+        return int(low), int(high)
 
     def split_paths(self, split: str) -> tuple[Path, Path]:
         """(image folder, annotation file) of split "train" or "val", defaulting from root's COCO 2017 layout."""
@@ -191,6 +214,7 @@ class AugmentConfig:
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULERS = ("steps", "cosine", "constant")
 AMP_MODES = ("fp32", "fp16", "bf16")
+FREEZE = ("none", "encoder")
 
 
 @dataclass
@@ -204,9 +228,12 @@ class TrainConfig:
     lr: float = 0.001  # peak learning rate
     momentum: float = 0.9  # SGD momentum; Adam's beta1
     weight_decay: float = 0.0005  # not applied to BatchNorm weights and biases
-    burn_in: int = 1000  # warm-up steps: lr * ((step + 1) / burn_in) ** 4 (Darknet's burn_in, power 4)
+    # warm-up steps: lr * ((step + 1) / burn_in) ** 4 (Darknet's burn_in, power 4), at most a tenth of the run
+    # (BURN_IN_SHARE): a short run is not all warm-up
+    burn_in: int = 1000
     scheduler: str = "steps"  # after burn-in: steps | cosine | constant
-    lr_steps: list[int] = field(default_factory=lambda: [400000, 450000])  # scheduler steps: at these steps ...
+    # scheduler steps: at these optimiser steps (or, all below 1, fractions of train.steps) ...
+    lr_steps: list[int | float] = field(default_factory=lambda: [400000, 450000])
     lr_scales: list[float] = field(default_factory=lambda: [0.1, 0.1])  # ... the lr is multiplied by these
     cosine_t0: int = 10000  # scheduler cosine: steps of the first cycle (after burn-in)
     cosine_t_mult: int = 2  # each next cycle is this many times longer
@@ -220,6 +247,11 @@ class TrainConfig:
     max_bad_steps: int = 20  # stop after this many consecutive non-finite (skipped) steps
     sync_bn: bool = False  # under DDP: synchronise BatchNorm statistics across processes
     seed: int = 0  # seeds weights, data order and augmentation
+    # minutes the whole run may take (null: no limit): the first steps are timed and train.steps is fitted so that
+    # the whole schedule (absolute lr_steps and cosine_t0 scale with it), the evaluations and last.pt fit in
+    time_limit: float | None = None
+    freeze: str = "none"  # none | encoder: the encoder (backbone) does not train for the first freeze_steps steps
+    freeze_steps: int = 0  # optimiser steps with `freeze` in force (its BatchNorm statistics frozen too)
 
     def check(self, origin: Origin) -> None:
         """Raise ConfigError for values training cannot use."""
@@ -249,6 +281,18 @@ class TrainConfig:
         if len(self.lr_steps) != len(self.lr_scales) or sorted(self.lr_steps) != self.lr_steps:
             origin.fail("lr_steps", self.lr_steps, f"must be increasing and as many as train.lr_scales "
                         f"({self.lr_scales})")
+        if any(v < 0 for v in self.lr_steps) or (any(v < 1 for v in self.lr_steps if v)
+                                                 and any(v >= 1 for v in self.lr_steps)):
+            origin.fail("lr_steps", self.lr_steps, "must be all steps (integers >= 0) or all fractions of "
+                        "train.steps (below 1), not a mix")
+        if any(v >= 1 and v != int(v) for v in self.lr_steps):
+            origin.fail("lr_steps", self.lr_steps, "steps (values of 1 and more) must be whole numbers")
+        if self.time_limit is not None and self.time_limit <= 0:
+            origin.fail("time_limit", self.time_limit, "must be a positive number of minutes, or null for no limit")
+        if self.freeze not in FREEZE:
+            origin.fail("freeze", self.freeze, unknown("freeze", self.freeze, FREEZE))
+        if self.freeze_steps < 0:
+            origin.fail("freeze_steps", self.freeze_steps, "must be >= 0")
         if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:
             origin.fail("clip_grad_norm", self.clip_grad_norm, "must be positive, or null for no clipping")
         if self.patience is not None and self.patience < 1:

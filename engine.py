@@ -209,6 +209,12 @@ class TimeBudget:
         self.samples.append((step, now - self.last, size))
         self.last = now
 
+    def planned(self, step: int, steps: int, refit: bool) -> None:
+        """The run is now `steps` long (fitted at step `step`, on every rank alike): the refit comes at a quarter of
+        it, once."""
+        at = max(step + self.PROBE_STEPS, steps // 4)
+        self.refit_at = at if not refit and at < steps else None
+
     def due(self, step: int, planned: bool) -> bool:
         """Whether the run should be (re)fitted after step `step`."""
         return (not planned and step == self.PROBE_STEPS) or step == self.refit_at
@@ -235,8 +241,6 @@ class TimeBudget:
         while n > step and cost(n) > left:
             n -= max(1, int((cost(n) - left) / step_seconds))
         n = max(n, step)
-        refit = max(step + self.PROBE_STEPS, n // 4)
-        self.refit_at = refit if current is None and refit < n else None
         log.info("fitted %d steps to %.1f min (%.3f s per step over sizes %d-%d, one evaluation ~%.1f s, one "
                  "checkpoint %.1f s; %.1f min used so far)%s", n, self.limit / 60, step_seconds, min(sizes),
                  max(sizes), eval_seconds, checkpoint_seconds, (time.perf_counter() - self.started) / 60,

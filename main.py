@@ -105,23 +105,25 @@ def training_data(cfg: Config, world: int, device: torch.device
 
 
 def build_start_model(cfg: Config, args: argparse.Namespace, resumed: bool, world: int, names: list[str]
-                      ) -> torch.nn.Module:
+                      ) -> tuple[torch.nn.Module, bool]:
     """The model of cfg.model (SyncBatchNorm under DDP with train.sync_bn), a new run's started from --weights or,
     for the darknet53 encoder, model.pretrained_path: any class count, classes matched by name (models/transfer.py;
-    Darknet files hold COCO's 80)."""
+    Darknet files hold COCO's 80); and whether a whole trained model started it."""
     torch.manual_seed(cfg.train.seed)
     darknet_file = cfg.model.pretrained_path if cfg.model.pretrained and cfg.model.encoder == "darknet53" else None
     source = None if resumed else args.weights or darknet_file
     model = build_model(cfg.model.arch, cfg.model.encoder, cfg.model.num_classes, cfg.model.anchors,
                         cfg.model.pretrained and not resumed and darknet_file is None, cfg.model.pretrained_path)
+    transfer = None
     if source:
         try:
-            log.info("start from %s", start_from(model, source, names, COCO_NAMES))
+            transfer = start_from(model, source, names, COCO_NAMES)
+            log.info("start from %s", transfer)
         except (CheckpointError, ValueError, FileNotFoundError) as e:  # a file that does not fit this model
             raise SystemExit(f"error: {'--weights' if args.weights else 'model.pretrained_path'}: {e}") from e
     if cfg.train.sync_bn and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return model
+    return model, transfer is not None and not transfer.note  # heads and all, not a backbone prefix
 
 
 def make_run_dir(cfg: Config, resume: Path | None, main_process: bool) -> Path:
@@ -159,6 +161,7 @@ def fit_to_time(budget: TimeBudget, trainer: Trainer, val_loader: torch.utils.da
     current = trainer.state.planned_steps
     steps = broadcast_object(budget.fit(trainer.state.step, train_sizes(cfg), eval_seconds, checkpoint_seconds,
                                         cfg, current) if is_main_process() else None)
+    budget.planned(trainer.state.step, steps, refit=current is not None)
     trainer.plan(steps)
 
 
@@ -180,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
     train_set, train_loader, val_loader = training_data(cfg, world, device)
 
     # -- model, loss, optimiser, schedule, precision, EMA ---------------------------------------------------------
-    model = build_start_model(cfg, args, resumed is not None, world, train_set.class_names)
+    model, started_from_weights = build_start_model(cfg, args, resumed is not None, world, train_set.class_names)
     model.to(device, memory_format=torch.channels_last)  # NHWC convs: faster with oneDNN (CPU) and cuDNN (AMP)
     trainer = Trainer.build(model, cfg, device, train_set.class_names)
     if resumed:
@@ -206,6 +209,17 @@ def main(argv: list[str] | None = None) -> dict:
                 raise SystemExit(f"error: training stopped at step {state.step}: {e}") from e
         return time.perf_counter() - start
 
+    def evaluation_step() -> bool:
+        evaluation = evaluate(trainer.eval_model, val_loader, cfg.eval, device, progress=False)
+        log_evaluation(evaluation, val_loader, cfg, logger, state.step)
+        best, patience_out = state.record_evaluation(evaluation.stats[cfg.eval.metric], cfg.train.patience)
+        if best:
+            checkpoint("best.pt")
+        model.train()
+        return patience_out  # True: stop early
+
+    if started_from_weights and state.step == 0:  # what the start scores: best.pt keeps it unless training beats it
+        evaluation_step()
     stop: list[int] = []  # the signal that asked to stop; the step in progress finishes, then last.pt is written
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda s, _frame: stop.append(s))
@@ -233,17 +247,10 @@ def main(argv: list[str] | None = None) -> dict:
             window.log(logger, trainer, result, trainer.steps, device)
         if state.step % cfg.train.checkpoint_every == 0:
             checkpoint("last.pt")
-        if state.step % cfg.eval.every == 0 or state.step == trainer.steps:
-            evaluation = evaluate(trainer.eval_model, val_loader, cfg.eval, device, progress=False)
-            log_evaluation(evaluation, val_loader, cfg, logger, state.step)
-            best, patience_out = state.record_evaluation(evaluation.stats[cfg.eval.metric], cfg.train.patience)
-            if best:
-                checkpoint("best.pt")
-            if patience_out:
-                log.info("early stop: %s has not improved for %d evaluations (best %.4f at step %d)",
-                         cfg.eval.metric, cfg.train.patience, state.best_metric, state.best_step)
-                break
-            model.train()
+        if (state.step % cfg.eval.every == 0 or state.step == trainer.steps) and evaluation_step():
+            log.info("early stop: %s has not improved for %d evaluations (best %.4f at step %d)",
+                     cfg.eval.metric, cfg.train.patience, state.best_metric, state.best_step)
+            break
     progress.close()
     checkpoint("last.pt")
     if stop:

@@ -3,8 +3,12 @@ runs and schedules relative to the run (issue 15)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 import re
+import subprocess
+import sys
 import time
 
 import pytest
@@ -134,6 +138,8 @@ def test_training_starts_from_a_checkpoint_of_other_classes(shapes, tmp_path):
     assert load_checkpoint(last)["class_names"] == list(SHAPE_CLASSES)  # a checkpoint knows its classes
     second = train_main.main(run_args(shapes, tmp_path / "b", "train.steps=1", "--weights", str(last)))
     assert second["state"]["step"] == 1
+    steps = [json.loads(line)["step"] for line in (second["run_dir"] / "evals.jsonl").read_text().splitlines()]
+    assert steps == [0, 1]  # the start is scored first: best.pt keeps it unless training beats it
 
 
 # ---- freezing ----
@@ -230,3 +236,23 @@ def test_multiscale_relative_to_img_size():
 def test_bad_relative_values_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         build_config(Config, {}, "<test>", overrides)
+
+
+@pytest.mark.slow
+def test_every_ddp_rank_follows_the_fitted_plan(shapes, tmp_path):
+    worker = tmp_path / "worker.py"
+    worker.write_text(
+        "import json, os, sys\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "import main\n"
+        "result = main.main(sys.argv[1:])\n"
+        "open(os.path.join(os.environ['OUT'], f\"rank{os.environ['RANK']}.json\"), 'w').write(json.dumps("
+        "result['state']))\n")
+    env = {**os.environ, "OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519",
+                          str(worker), *run_args(shapes, tmp_path / "logs", "train.time_limit=0.3")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["planned_steps"] == ranks[1]["planned_steps"] == ranks[0]["step"] == ranks[1]["step"]
+    assert "fitted" in run.stdout

@@ -119,7 +119,7 @@ class DataConfig:
     val_annotations: str | None = None
     img_size: int = 416  # the network downsamples by 32
     multiscale: list[int] | None = field(default_factory=lambda: [320, 608])  # [min, max], step 32; None: img_size
-    multiscale_every: int = 10  # batches between size changes
+    multiscale_every: int = 10  # optimiser steps (train.batch_size images) between size changes
     workers: int = 4
     timeout: float = 300.0  # seconds to wait for one batch from the workers before it is an error
     skip_bad_images: bool = False  # False: an unreadable image is an error; True: skipped with a warning

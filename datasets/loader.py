@@ -155,10 +155,12 @@ def build_dataset(cfg: Config, split: str) -> CocoDetection:
             "`bash datasets/get_coco.sh` (into data/coco), or write the synthetic demo set with `python -m "
             "datasets.shapes --out data/shapes` and use --set data.root=data/shapes model.num_classes=6, or point "
             f"data.root / data.{split}_images / data.{split}_annotations at your COCO-format data.")
-    augmentation = None
+    # validation keeps every box: it is scored against the annotation file, not against these targets
+    preprocess = Preprocess()
     if split == "train":
         augmentation = build_augmentation(dataclasses.asdict(cfg.augment), cfg.data.min_box_size, cfg.train.seed)
-    return CocoDetection(images, annotations, Preprocess(augmentation), cfg.data.img_size, cfg.data.skip_bad_images)
+        preprocess = Preprocess(augmentation, cfg.data.min_box_size)
+    return CocoDetection(images, annotations, preprocess, cfg.data.img_size, cfg.data.skip_bad_images)
 
 
 def train_sizes(cfg: Config) -> list[int]:

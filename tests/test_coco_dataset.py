@@ -235,3 +235,25 @@ def test_invalid_json_and_missing_annotation_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="annotation file not found: .*nothere.json"):
         open_dataset(tmp_path, tmp_path / "nothere.json")
 
+
+def test_min_box_size_holds_without_augmentation_for_training_only(tmp_path):
+    # a 100x100 image letterboxed to 64: scale 0.64, so a 3 px wide box becomes 1.92 px (< data.min_box_size 2)
+    # and a 4 px one 2.56 px; with every augmentation off nothing but the final filter can remove the first
+    cv2.imwrite(str(tmp_path / "a.png"), np.zeros((100, 100, 3), np.uint8))
+    ann_file = tmp_path / "ann.json"
+    ann_file.write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "a.png", "width": 100, "height": 100}],
+        "annotations": [ann(1, 1, [10, 10, 3, 20]), ann(2, 1, [50, 50, 4, 20]), ann(3, 1, [0, 0, 50, 2], iscrowd=1)],
+        "categories": [{"id": 3, "name": "a"}]}))
+    from datasets.loader import build_dataset
+    from utils.augmentations import AUGMENTATIONS
+    from utils.config import load_config
+
+    overrides = [f"data.{split}_{kind}={tmp_path / name}" for split in ("train", "val")
+                 for kind, name in (("images", ""), ("annotations", "ann.json"))]
+    cfg = load_config(DATA.parent.parent / "args.yaml", [*overrides, "data.img_size=64", "data.min_box_size=2",
+                                                         *(f"augment.{key}.p=0" for key in AUGMENTATIONS)])
+    _, train, _ = build_dataset(cfg, "train")[0]
+    assert torch.allclose(train, torch.tensor([[0, 52 * 0.64, 60 * 0.64, 4 * 0.64, 20 * 0.64]]))
+    _, val, _ = build_dataset(cfg, "val")[0]  # validation keeps every box, the crowd (1.28 px high) too
+    assert len(val) == 3 and val[:, 3:].min() == pytest.approx(2 * 0.64)

@@ -123,7 +123,7 @@ class DataConfig:
     workers: int = 4
     timeout: float = 300.0  # seconds to wait for one batch from the workers before it is an error
     skip_bad_images: bool = False  # False: an unreadable image is an error; True: skipped with a warning
-    min_box_size: float = 2.0  # pixels; boxes narrower/shorter after augmentation are removed
+    min_box_size: float = 2.0  # input pixels; training boxes narrower/shorter after letterbox + augmentation go
 
     def check(self, origin: Origin) -> None:
         """Raise ConfigError for values the data pipeline cannot use."""

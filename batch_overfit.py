@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if len(dataset.class_names) != cfg.model.num_classes:
         raise SystemExit(f"error: {annotations} has {len(dataset.class_names)} categories but model.num_classes is "
                          f"{cfg.model.num_classes}")
-    chosen = [i for i, image_id in enumerate(dataset.ids) if len(dataset.targets[image_id][0])][:args.images]
+    chosen = [i for i, image_id in enumerate(dataset.ids) if len(dataset.object_boxes(image_id))][:args.images]
     images, targets, metas = collate([dataset[i] for i in chosen])
     images, targets = images.to(device), targets.to(device)
 

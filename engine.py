@@ -674,5 +674,5 @@ def prediction_grid(dataset, rows: np.ndarray, count: int, min_score: float = 0.
         xyxy = np.concatenate([mine[:, 1:3], mine[:, 1:3] + mine[:, 3:5]], 1)
         classes = np.array([dataset.category_to_class[int(c)] for c in mine[:, 6]], int)
         tiles.append(draw_detections(dataset.load_image(image_id), xyxy, classes, dataset.class_names, mine[:, 5],
-                                     dataset.targets[image_id][0]))
+                                     dataset.object_boxes(image_id)))
     return image_grid(tiles)

@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", choices=("train", "val"), default="val", help="dataset split (default val)")
     parser.add_argument("--images", type=int, default=DEFAULT_IMAGES,
                         help=f"the first N images of the split (default {DEFAULT_IMAGES})")
-    parser.add_argument("--gt", action="store_true", help="also draw the true boxes (white), dataset images only")
+    parser.add_argument("--gt", action="store_true", help="also draw the true boxes (white; crowd regions left out), "
+                        "dataset images only")
     parser.add_argument("--grid", action="store_true", help="one grid image instead of one file per image")
     parser.add_argument("--ext", choices=("png", "jpg"), default="png", help="image file type (default png)")
     return parser
@@ -53,7 +54,7 @@ def dataset_images(cfg: Config, split: str, count: int, gt: bool) -> tuple[list[
     except (OSError, DatasetError) as e:
         raise SystemExit(f"error: {e}") from e
     if gt:
-        images = [draw_true_boxes(image, dataset.targets[i][0]) for image, i in zip(images, ids, strict=True)]
+        images = [draw_true_boxes(image, dataset.object_boxes(i)) for image, i in zip(images, ids, strict=True)]
     names = [Path(dataset.coco.imgs[i]["file_name"]).stem for i in ids]
     return names, images, dataset.class_names
 

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from bench.common import machine  # noqa: E402
-from tools.darknet_prefix import cut_prefix  # noqa: E402
+from models.transfer import cut_prefix  # noqa: E402
 
 COCO3 = ("person", "book", "toilet")
 EVAL = re.compile(r"eval at step (\d+) \| AP ([\d.]+) AP50 ([\d.]+)")

@@ -21,6 +21,7 @@ from torchvision.datasets import VisionDataset
 from datasets.coco_names import COCO_CATEGORIES, COCO_CATEGORY_IDS, COCO_NAMES
 from datasets.images import MAX_PIXELS, DatasetError, decode_image
 from datasets.transforms import Preprocess
+from utils.boxes import CROWD_CLASS
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,8 @@ def image_boxes(data: dict, path: Path, category_to_class: dict[int, int]
                 ) -> tuple[dict[int, tuple[np.ndarray, np.ndarray]], Counter]:
     """Per image id: xyxy boxes (K, 4) clipped to the image and classes (K,); plus counts of what was dropped.
 
-    Dropped: crowd regions (never positives), non-finite or non-positive sizes, boxes with no area inside the image.
+    Crowd regions (iscrowd=1) are kept, with class CROWD_CLASS (-1): the loss ignores predictions inside them.
+    Dropped, crowd or not: non-finite or non-positive sizes, boxes with no area inside the image.
     """
     images = {img["id"]: img for img in data["images"]}
     anns = data["annotations"]
@@ -145,19 +147,17 @@ def image_boxes(data: dict, path: Path, category_to_class: dict[int, int]
                                f"in 'categories' ({sorted(category_to_class)})")
     image_ids = np.array([a["image_id"] for a in anns], np.int64)
     xywh = np.array([a["bbox"] for a in anns], np.float64).reshape(-1, 4)
-    crowd = np.array([bool(a.get("iscrowd", 0)) for a in anns], bool)
-    classes = np.array([category_to_class[a["category_id"]] for a in anns], np.int64)
+    classes = np.array([CROWD_CLASS if a.get("iscrowd", 0) else category_to_class[a["category_id"]] for a in anns],
+                       np.int64)
     sizes = np.array([(images[i]["width"], images[i]["height"]) for i in image_ids], np.float64).reshape(-1, 2)
 
     finite = np.isfinite(xywh).all(1)
     positive = finite & (xywh[:, 2] > 0) & (xywh[:, 3] > 0)
     xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)
     xyxy = np.clip(np.nan_to_num(xyxy), 0, np.tile(sizes, 2))
-    inside = positive & (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
-    keep = inside & ~crowd
-    dropped = Counter({"crowd": int(crowd.sum()), "non-finite": int((~finite & ~crowd).sum()),
-                       "zero or negative size": int((finite & ~positive & ~crowd).sum()),
-                       "outside the image": int((positive & ~inside & ~crowd).sum())})
+    keep = positive & (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
+    dropped = Counter({"non-finite": int((~finite).sum()), "zero or negative size": int((finite & ~positive).sum()),
+                       "outside the image": int((positive & ~keep).sum())})
 
     order = np.argsort(image_ids[keep], kind="stable")
     kept_ids, kept_boxes, kept_classes = image_ids[keep][order], xyxy[keep][order], classes[keep][order]
@@ -171,9 +171,10 @@ def image_boxes(data: dict, path: Path, category_to_class: dict[int, int]
 class CocoDetection(TorchvisionCocoDetection):
     """torchvision's CocoDetection with validated annotations, contiguous classes and letterboxed samples.
 
-    `dataset[i]` or `dataset[(i, size)]` -> (image (3, size, size) float [0, 1], targets (K, 5)
-    [class, cx, cy, w, h] in input pixels, meta {image_id, orig_size (h, w), letterbox}); None for an unreadable
-    image when `skip_bad_images` (the collate drops it).
+    `dataset[i]` or `dataset[(i, size)]` -> (image (3, size, size) uint8, targets (K, 5) [class, cx, cy, w, h] in
+    input pixels, class CROWD_CLASS (-1) for a crowd region, meta {image_id, orig_size (h, w), letterbox}); None for
+    an unreadable image when `skip_bad_images` (the collate drops it). `targets[image_id]`: (xyxy boxes (K, 4) in
+    original pixels, classes (K,)), crowd regions included; `object_boxes` leaves them out.
     """
 
     def __init__(self, img_folder: str | Path, ann_file: str | Path, preprocess: Preprocess, img_size: int,
@@ -203,6 +204,10 @@ class CocoDetection(TorchvisionCocoDetection):
         if self.dropped:
             log.warning("%s: dropped %s annotation(s): %s", self.ann_file, sum(self.dropped.values()),
                         ", ".join(f"{n} {why}" for why, n in self.dropped.items()))
+        self.crowd_regions = sum(int((classes == CROWD_CLASS).sum()) for _, classes in self.targets.values())
+        if self.crowd_regions:
+            log.info("%s: %d crowd annotation(s) (iscrowd=1) kept as ignore regions: never positives, and no "
+                     "objectness penalty for predictions inside them", self.ann_file, self.crowd_regions)
 
     def image_path(self, image_id: int) -> Path:
         """The file of an image id; a file_name that leads outside the image folder is an error."""
@@ -220,8 +225,14 @@ class CocoDetection(TorchvisionCocoDetection):
     _load_image = load_image  # torchvision's name for it
 
     def _load_target(self, id: int) -> tuple[np.ndarray, np.ndarray]:  # noqa: A002
-        """(K, 4) xyxy boxes in original pixels and (K,) contiguous classes, crowd and degenerate boxes removed."""
+        """(K, 4) xyxy boxes in original pixels and (K,) contiguous classes (CROWD_CLASS for crowd regions),
+        degenerate boxes removed."""
         return self.targets[id]
+
+    def object_boxes(self, image_id: int) -> np.ndarray:
+        """(K, 4) xyxy boxes in original pixels of the image's objects, crowd regions left out (for drawing)."""
+        boxes, classes = self.targets[image_id]
+        return boxes[classes != CROWD_CLASS]
 
     def __getitem__(self, key: int | tuple[int, int] | tuple[int, int, int]) -> Sample | None:
         """Sample `key` = index, (index, input size) or (index, input size, augmentation seed); see the class

@@ -21,19 +21,38 @@ from datasets.transforms import Preprocess, build_augmentation
 from utils.config import Config
 
 
-class MultiScaleBatchSampler(Sampler[list[tuple[int, int, int]]]):
-    """Batches of (index, size, sample seed): one input size per batch, redrawn every `every` batches (Darknet's
-    random=1), and a seed for each sample's augmentation.
+def stream_seed(seed: int, stream: int, *key: int) -> int:
+    """A 63-bit seed that is a function of (seed, stream, *key) only: stream 0 for sample seeds, 1 for sizes.
 
-    Sizes and seeds are decided here, in the main process, from (seed, epoch) only: all workers of a batch agree on
-    its size, the augmentation of a sample does not depend on which worker loads it or how many there are, and a
-    resumed run that skips the first `start_batch` batches of its epoch sees exactly what the unbroken run saw.
+    numpy's SeedSequence hashes the integers, so neighbouring keys give unrelated seeds (seed + index would not)."""
+    return int(np.random.SeedSequence([seed, stream, *key]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The augmentation seed of dataset index `index` in `epoch`: the same whatever the rank, batch position or
+    worker that loads it, so that 2 ranks x B images augment exactly as 1 process x 2B (the same images)."""
+    return stream_seed(seed, 0, epoch, index)
+
+
+class MultiScaleBatchSampler(Sampler[list[tuple[int, int, int]]]):
+    """Batches of (index, size, sample seed): one input size per batch, redrawn every `every` optimiser steps of
+    `subdivisions` batches each (Darknet's random=1: every 10 batches, in its unit of one optimiser step), and a
+    seed for each sample's augmentation.
+
+    Everything is decided here, in the main process, as a function of the run's seed: the seed of a sample from
+    (seed, epoch, dataset index) (`sample_seed`), the size of a batch from (seed, its optimiser step), the step
+    being counted over the whole run (epoch * batches per epoch + batch, over `subdivisions`), so a step that
+    straddles two epochs still has one size. All workers of a batch agree on its size, every DDP rank draws the
+    sizes of the others (the same step numbers), a sample's augmentation does not depend on which rank or worker
+    loads it, and a resumed run that skips the first `start_batch` batches of its epoch sees exactly what the
+    unbroken run saw.
     """
 
     def __init__(self, sampler: Sampler[int], batch_size: int, sizes: Sequence[int], every: int = 10,
-                 drop_last: bool = False, seed: int = 0) -> None:
+                 drop_last: bool = False, seed: int = 0, subdivisions: int = 1) -> None:
         self.sampler, self.batch_size, self.sizes = sampler, batch_size, list(sizes)
         self.every, self.drop_last, self.seed, self.epoch, self.start_batch = every, drop_last, seed, 0, 0
+        self.subdivisions = subdivisions
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Start epoch `epoch` (new order and sizes), skipping its first `start_batch` batches (for resuming)."""
@@ -41,25 +60,38 @@ class MultiScaleBatchSampler(Sampler[list[tuple[int, int, int]]]):
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
 
+    def batches_per_epoch(self) -> int:
+        """Batches in a whole epoch (skipped ones included)."""
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def size_of(self, number: int) -> int:
+        """The input size of batch `number` of the current epoch."""
+        if len(self.sizes) == 1:
+            return self.sizes[0]
+        step = (self.epoch * self.batches_per_epoch() + number) // self.subdivisions  # over the whole run
+        return self.sizes[stream_seed(self.seed, 1, step // self.every) % len(self.sizes)]
+
     def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
         """Yield [(index, size, sample seed), ...] per batch."""
-        rng = random.Random(self.seed * 1_000_003 + self.epoch)
-        batch, number, size = [], 0, self.sizes[0]
+        batch, number = [], 0
         for index in self.sampler:
-            if not batch and number % self.every == 0:
-                size = rng.choice(self.sizes)
-            batch.append((index, size, rng.getrandbits(63)))
+            batch.append(index)
             if len(batch) == self.batch_size:
                 if number >= self.start_batch:
-                    yield batch
+                    yield self.annotate(batch, number)
                 batch, number = [], number + 1
         if batch and not self.drop_last and number >= self.start_batch:
-            yield batch
+            yield self.annotate(batch, number)
+
+    def annotate(self, indices: list[int], number: int) -> list[tuple[int, int, int]]:
+        """Batch `number`'s dataset indices -> [(index, size, sample seed), ...]."""
+        size = self.size_of(number)
+        return [(index, size, sample_seed(self.seed, self.epoch, index)) for index in indices]
 
     def __len__(self) -> int:
         """Number of batches per epoch (not counting the skipped ones)."""
-        n = len(self.sampler)
-        return (n // self.batch_size if self.drop_last else -(-n // self.batch_size)) - self.start_batch
+        return self.batches_per_epoch() - self.start_batch
 
 
 class ShardSampler(Sampler[int]):
@@ -123,10 +155,12 @@ def build_dataset(cfg: Config, split: str) -> CocoDetection:
             "`bash datasets/get_coco.sh` (into data/coco), or write the synthetic demo set with `python -m "
             "datasets.shapes --out data/shapes` and use --set data.root=data/shapes model.num_classes=6, or point "
             f"data.root / data.{split}_images / data.{split}_annotations at your COCO-format data.")
-    augmentation = None
+    # validation keeps every box: it is scored against the annotation file, not against these targets
+    preprocess = Preprocess()
     if split == "train":
         augmentation = build_augmentation(dataclasses.asdict(cfg.augment), cfg.data.min_box_size, cfg.train.seed)
-    return CocoDetection(images, annotations, Preprocess(augmentation), cfg.data.img_size, cfg.data.skip_bad_images)
+        preprocess = Preprocess(augmentation, cfg.data.min_box_size)
+    return CocoDetection(images, annotations, preprocess, cfg.data.img_size, cfg.data.skip_bad_images)
 
 
 def train_sizes(cfg: Config) -> list[int]:
@@ -149,7 +183,7 @@ def build_loader(cfg: Config, dataset: CocoDetection, train: bool, batch_size: i
         sampler = ShardSampler(dataset, rank, world)
     sizes = train_sizes(cfg) if train else [cfg.data.img_size]
     batches = MultiScaleBatchSampler(sampler, batch_size, sizes, cfg.data.multiscale_every, drop_last=train,
-                                     seed=cfg.train.seed)
+                                     seed=cfg.train.seed, subdivisions=cfg.train.subdivisions)
     workers = cfg.data.workers
     if workers > 0:
         # Parallelism comes from the workers. OpenCV's thread pool must be shut down before they fork: a forked

@@ -86,15 +86,18 @@ def to_chw_tensor(image: np.ndarray) -> torch.Tensor:
 
 
 class Preprocess:
-    """Original image + boxes -> network input at a given size: fit, augment (training only), pad, to tensor."""
+    """Original image + boxes -> network input at a given size: fit, augment (training only), pad, to tensor; then
+    boxes narrower or shorter than `min_box_size` input pixels are removed (training: data.min_box_size; 0 keeps
+    every box, as validation does)."""
 
-    def __init__(self, augmentation: A.Compose | None = None) -> None:
-        self.augmentation = augmentation
+    def __init__(self, augmentation: A.Compose | None = None, min_box_size: float = 0.0) -> None:
+        self.augmentation, self.min_box_size = augmentation, min_box_size
 
     def __call__(self, image: np.ndarray, boxes_xyxy: np.ndarray, classes: np.ndarray, size: int
                  ) -> tuple[torch.Tensor, torch.Tensor, Letterbox]:
         """(H, W, 3) uint8 RGB, (K, 4) xyxy px, (K,) -> (3, size, size) uint8 RGB, (K', 5) [class, cx, cy, w, h]
-        in input pixels, and the letterbox that maps input pixels back to the original image.
+        in input pixels, and the letterbox that maps input pixels back to the original image. Crowd regions (class
+        -1) are boxes like the others here.
 
         The image stays uint8 (the model converts it to float on its device): 4x fewer bytes through the worker
         queues and to the GPU, and no float pass in the workers."""
@@ -113,4 +116,8 @@ class Preprocess:
         targets[:, 2] = (boxes[:, 1] + boxes[:, 3]) / 2 + top
         targets[:, 3] = boxes[:, 2] - boxes[:, 0]
         targets[:, 4] = boxes[:, 3] - boxes[:, 1]
+        if self.min_box_size > 0:
+            # here, not only in the augmentation's BboxParams: the resize to the input size shrinks boxes too, and
+            # runs when no transform that moves boxes does (the augmentation then never looks at them)
+            targets = targets[(targets[:, 3] >= self.min_box_size) & (targets[:, 4] >= self.min_box_size)]
         return to_chw_tensor(image), torch.from_numpy(targets), Letterbox(scale_x, scale_y, left, top)

@@ -21,6 +21,9 @@ from utils.boxes import box_cxcywh_to_xyxy, ragged_arange
 from utils.config import LossConfig
 
 LOSS_TERMS = ("xy", "wh", "obj", "cls")
+# A prediction whose box lies this much inside a crowd region (intersection / its own area) is not penalised as
+# background: COCOeval ignores such a detection at IoU threshold 0.5 (see YOLOLoss)
+CROWD_IGNORE_FRACTION = 0.5
 
 
 def wh_iou(wh1: torch.Tensor, wh2: torch.Tensor) -> torch.Tensor:
@@ -77,6 +80,14 @@ class YOLOLoss(nn.Module):
       which are not positives and whose decoded box has IoU > ignore_threshold with some ground truth of the same
       image get no objectness loss (paper section 2.1; yolo_layer.c `if (best_iou > l.ignore_thresh)`).
     Each term is weight * sum / batch size; the total is their sum.
+
+    Crowd regions (COCO iscrowd=1) are target rows of class < 0 (utils/boxes.py CROWD_CLASS). They are never
+    positives and have no xy, wh or cls term. A prediction that is not a positive gets no objectness loss either when
+    at least half of its decoded box lies inside a crowd region of its image: intersection / prediction area >=
+    CROWD_IGNORE_FRACTION (0.5). That is COCOeval's rule: it matches a detection to an iscrowd ground truth by that
+    intersection over the detection's area (pycocotools maskUtils.iou with iscrowd=1) and ignores it when the value
+    reaches the IoU threshold, 0.5 for AP50. IoU with the region would not do: one person of a crowd box has a small
+    IoU with it, and would be pushed to background while COCOeval does not count it as a false positive.
     """
 
     def __init__(self, anchors: torch.Tensor, masks: Sequence[Sequence[int]], strides: Sequence[int],
@@ -150,14 +161,16 @@ class YOLOLoss(nn.Module):
 
     def positives(self, targets: torch.Tensor, grid_sizes: Sequence[tuple[int, int]]) -> torch.Tensor:
         """(P, 6) long [head, target index, image, slot, row, column] of all heads, ordered by head, then slot,
-        image, row, column (the order of `assign`). targets: (K, 6) [image, class, cx, cy, w, h] in pixels."""
+        image, row, column (the order of `assign`). targets: (K, 6) [image, class, cx, cy, w, h] in pixels; rows of
+        class < 0 (crowd regions) are never positives."""
         device = targets.device
         iou = wh_iou(targets[:, 4:6], self.anchors.to(device))  # (K, anchors)
         # anchors that no head uses (yolov3-tiny's anchor 0) cannot win: Darknet lets them, and loses those boxes
         iou = iou.masked_fill(~(self.slot_of >= 0).any(0).to(device), -1.0)
         best = iou.argmax(1)  # (K,) first max on ties, as Darknet
         slot = self.slot_of.to(device)[:, best]  # (heads, K)
-        head, index = (slot >= 0).nonzero().unbind(1)  # (P,) each: the heads owning each target's best anchor
+        owned = (slot >= 0) & (targets[:, 1] >= 0)  # crowd regions leave before the latest-wins choice below
+        head, index = owned.nonzero().unbind(1)  # (P,) each: the heads owning each target's best anchor
         slot = slot[head, index]
         per_head = torch.tensor([(h, w, s) for (h, w), s in zip(grid_sizes, self.strides, strict=True)],
                                 device=device)
@@ -231,7 +244,8 @@ class YOLOLoss(nn.Module):
         boxes = boxes.view(5, num_anchors, -1)  # (5, A, B*cells)
         # BCE-with-logits against 0 is softplus(o), against 1 it is softplus(o) - o
         negatives = F.softplus(boxes[4])
-        if self.ignore_threshold < 1 and len(targets):  # IoU > 1 never happens
+        # IoU > 1 never happens; crowd regions ignore whatever the threshold
+        if len(targets) and (self.ignore_threshold < 1 or bool((targets[:, 1] < 0).any())):
             ignore = self.ignored(boxes[:4].detach(), targets, grid_sizes)
             ignore[positives[:, 3], self.cell_index(positives, grid_sizes)] = False  # Darknet sets them afterwards
             negatives = negatives.masked_fill(ignore, 0.0)
@@ -240,8 +254,52 @@ class YOLOLoss(nn.Module):
     @torch.no_grad()
     def ignored(self, boxes: torch.Tensor, targets: torch.Tensor, grid_sizes: Sequence[tuple[int, int]]
                 ) -> torch.Tensor:
-        """(A, B*cells) bool: the predictions (at [slot, cell index]) whose decoded box has IoU > ignore_threshold
-        with a ground truth of their image. boxes: (4, A, B*cells) raw tx, ty, tw, th; targets: (K, 6).
+        """(A, B*cells) bool: the predictions (at [slot, cell index]) the objectness loss ignores: decoded box with
+        IoU > ignore_threshold with a ground truth of their image, or at least CROWD_IGNORE_FRACTION of it inside a
+        crowd region (class < 0) of their image. boxes: (4, A, B*cells) raw tx, ty, tw, th; targets: (K, 6)."""
+        num_anchors = boxes.shape[1]
+        # decode every prediction exactly as models.yolo.decode does: cx = (sigmoid(tx) + col) * stride,
+        # w = exp(tw) * anchor_w, then x1 = cx - w / 2
+        grid = self.prediction_grid(grid_sizes, boxes.device)  # (5, A, 1, cells)
+        boxes = boxes.view(4, num_anchors, -1, grid.shape[-1])  # (4, A, B, cells)
+        centre = boxes[:2].sigmoid().add_(grid[:2]).mul_(grid[2])
+        half = boxes[2:4].exp().mul_(grid[3:5])
+        top_left = centre - half
+        pred = torch.cat([top_left, centre.add_(half)]).view(4 * num_anchors, -1)  # (4A, B*cells) x1, y1, x2, y2
+        crowd = targets[:, 1] < 0
+        has_crowd = bool(crowd.any())  # one host sync; most batches hold no crowd region
+        objects = targets[~crowd] if has_crowd else targets
+        hits = torch.zeros(num_anchors, pred.shape[1], device=pred.device)
+        if self.ignore_threshold < 1 and len(objects):
+            hits = self.overlap_hits(pred, objects, grid_sizes)
+        if has_crowd:
+            hits += self.crowd_hits(pred, targets[crowd], grid.shape[-1])
+        return hits > 0
+
+    def crowd_hits(self, pred: torch.Tensor, crowds: torch.Tensor, cells: int) -> torch.Tensor:
+        """(A, B*cells) count of the crowd regions (Kc, 6) that hold at least CROWD_IGNORE_FRACTION of each decoded
+        prediction pred (4A, B*cells) x1, y1, x2, y2 (`cells` per image), by intersection / prediction area.
+
+        Every prediction of a crowd's image is tested: crowd regions are few (about 1 per 100 COCO boxes), and such a
+        prediction can be anywhere inside a large region, so a window around it would save little.
+        """
+        num_anchors = pred.shape[0] // 4
+        pred = pred.view(4, num_anchors, -1, cells)  # (4, A, B, cells)
+        image = crowds[:, 0].long()
+        candidates = pred.index_select(2, image)  # (4, A, Kc, cells)
+        region = box_cxcywh_to_xyxy(crowds[:, 2:6]).T[:, None, :, None]  # (4, 1, Kc, 1)
+        inter = (torch.minimum(candidates[2:], region[2:]) - torch.maximum(candidates[:2], region[:2])).clamp(min=0)
+        area = (candidates[2:] - candidates[:2]).prod(0)
+        inside = inter.prod(0) >= CROWD_IGNORE_FRACTION * area  # (A, Kc, cells); no division: area may be 0
+        inside &= area > 0  # a zero-area prediction (exp underflow) is nowhere: 0 >= 0 would count it
+        hits = torch.zeros(num_anchors, pred.shape[2], cells, device=pred.device)
+        hits.index_add_(1, image, inside.to(hits.dtype))  # several crowds of one image add up: exact, order-free
+        return hits.view(num_anchors, -1)
+
+    def overlap_hits(self, pred: torch.Tensor, targets: torch.Tensor, grid_sizes: Sequence[tuple[int, int]]
+                     ) -> torch.Tensor:
+        """(A, B*cells) count of the ground truths (K, 6) with which each decoded prediction pred (4A, B*cells)
+        x1, y1, x2, y2 has IoU > ignore_threshold.
 
         Only predictions near a ground truth can pass, so each ground truth is tested against the cells around it
         rather than against all predictions. With t the threshold, p the prediction, g the ground truth, (dx, dy)
@@ -255,23 +313,15 @@ class YOLOLoss(nn.Module):
         A prediction's centre lies in its cell, so a ground truth's candidates are the rows whose band comes within
         gh * ignore_reach of its centre and, in each row, the cells within the dx the joint bound leaves.
         """
-        device = boxes.device
-        num_anchors = boxes.shape[1]
-        # decode every prediction exactly as models.yolo.decode does: cx = (sigmoid(tx) + col) * stride,
-        # w = exp(tw) * anchor_w, then x1 = cx - w / 2
-        grid = self.prediction_grid(grid_sizes, device)  # (5, A, 1, cells)
-        boxes = boxes.view(4, num_anchors, -1, grid.shape[-1])  # (4, A, B, cells)
-        centre = boxes[:2].sigmoid().add_(grid[:2]).mul_(grid[2])
-        half = boxes[2:4].exp().mul_(grid[3:5])
-        top_left = centre - half
-        pred = torch.cat([top_left, centre.add_(half)]).view(4 * num_anchors, -1)  # (4A, B*cells) x1, y1, x2, y2
+        device = pred.device
+        num_anchors = pred.shape[0] // 4
 
         # per head: stride, last row, last column, width, first cell index; the 1e-3 cell margins below absorb float
         # rounding (more candidates never change the result, fewer would)
         planes = [h * w for h, w in grid_sizes]
         heads = torch.tensor([(s, h - 1, w - 1, w, sum(planes[:i])) for i, (s, (h, w))
                               in enumerate(zip(self.strides, grid_sizes, strict=True))], device=device)
-        stride = heads[:, :1].to(boxes.dtype)  # (heads, 1)
+        stride = heads[:, :1].to(pred.dtype)  # (heads, 1)
         cx, cy, w, h = targets[:, 2:6].unbind(1)  # (K,) each
         reach_y = h * self.ignore_reach
         row_low = ((cy - reach_y) / stride - 1e-3).floor().long().clamp(min=0).minimum(heads[:, 1:2])  # (heads, K)
@@ -299,10 +349,10 @@ class YOLOLoss(nn.Module):
         # gather with an expanded index: 2.3x faster than index_select along dim 1 on CPU (152 vs 352 us here)
         candidates = pred.gather(1, cell.expand(len(pred), -1)).view(4, num_anchors, -1)  # (4, A, M)
         iou = paired_box_iou_xyxy(candidates, gt_xyxy.gather(1, gt.expand(4, -1))[:, None])  # (A, M)
-        # a prediction can be a candidate of several ground truths: count its hits (exact, order-free), test > 0
+        # a prediction can be a candidate of several ground truths: count its hits (exact, order-free)
         hits = torch.zeros(num_anchors, pred.shape[1], device=device)
         hits.index_add_(1, cell, (iou > self.ignore_threshold).to(hits.dtype))
-        return hits > 0
+        return hits
 
 
 def build_loss(model: nn.Module, loss_cfg: LossConfig) -> YOLOLoss:

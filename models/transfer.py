@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from models import YOLO, build_model
-from models.darknet import conv_layer_tensors
+from models.darknet import conv_layer_tensors, save_darknet_weights
 from models.yolo import HeadOutput
 from utils.checkpoint import CheckpointError, checkpoint_weights, load_checkpoint
 from utils.config import ENCODERS, Config, ConfigError, ModelConfig, config_from_dict
@@ -199,3 +199,14 @@ def _start_from_darknet(model: YOLO, path: Path, names: Sequence[str] | None,
     summary.values = sum(t.numel() for layer in layers for t in [*layer.parameters(), *layer.buffers()])
     summary.note = "" if part == "full model" else f"every layer after its {len(layers)} convs started fresh"
     return summary
+
+
+def cut_prefix(full: Path, out: Path, arch: str, num_classes: int = 80) -> str:
+    """Write the named backbone prefix of `full` (a full `arch` .weights file) to `out`; returns the prefix's name."""
+    model = build_model(arch, "darknet53", num_classes)
+    part = model.load_darknet_weights(full)
+    if part != "full model":
+        raise ValueError(f"{full} holds only the {part}, not a full {arch} model to cut a prefix from")
+    (name, count), = model.darknet_prefixes.items()
+    save_darknet_weights(model.darknet_layers()[:count], out, model.darknet_header)
+    return name

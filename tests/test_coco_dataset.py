@@ -34,14 +34,19 @@ def test_real_coco_id_map_and_toothbrush():
     assert (targets[:, 0] == 79).sum() == 2
 
 
-def test_real_coco_crowd_is_dropped_and_counted():
+def test_real_coco_crowd_is_kept_as_an_ignore_region():
     ds = coco_split("train")
-    assert ds.dropped == {"crowd": 1}
+    assert ds.dropped == {} and ds.crowd_regions == 1  # kept, not dropped
     crowd_image = 204805  # 15 annotations, one of them iscrowd
     anns = ds.coco.loadAnns(ds.coco.getAnnIds(imgIds=[crowd_image]))
     assert len(anns) == 15 and sum(a["iscrowd"] for a in anns) == 1
-    _, targets, _ = ds[ds.ids.index(crowd_image)]
-    assert len(targets) == 14
+    _, targets, meta = ds[ds.ids.index(crowd_image)]
+    assert len(targets) == 15 and (targets[:, 0] == -1).sum() == 1  # class -1: the crowd region
+    crowd = next(a for a in anns if a["iscrowd"])
+    x, y, w, h = crowd["bbox"]
+    back = meta["letterbox"].to_original(xyxy(targets[targets[:, 0] == -1]))
+    assert torch.allclose(back, torch.tensor([[x, y, x + w, y + h]], dtype=torch.float32), atol=0.5)
+    assert len(ds.object_boxes(crowd_image)) == 14
 
 
 def test_real_coco_letterbox_maps_back_within_half_a_pixel():
@@ -113,14 +118,16 @@ def test_boxes_zero_size_outside_and_partly_outside(tmp_path):
         ann(6, 1, [1, 1, 5, 5], iscrowd=1),    # crowd
     ])
     ds = open_dataset(tmp_path, path, size=64)
-    assert ds.dropped == {"zero or negative size": 1, "outside the image": 1, "non-finite": 1, "crowd": 1}
+    assert ds.dropped == {"zero or negative size": 1, "outside the image": 1, "non-finite": 1}
+    assert ds.crowd_regions == 1  # kept as an ignore region
     _, targets, meta = ds[0]
     # 60x40 -> scale 64/60, resized 64x43, padded top (64 - 43) // 2 = 10
     lb = meta["letterbox"]
     assert (lb.pad_left, lb.pad_top) == (0, 10) and lb.scale_x == pytest.approx(64 / 60)
     assert lb.scale_y == pytest.approx(43 / 40)
     expected = torch.tensor([[0, 20 * 64 / 60, 15 * 43 / 40 + 10, 20 * 64 / 60, 10 * 43 / 40],
-                             [1, 55 * 64 / 60, 35 * 43 / 40 + 10, 10 * 64 / 60, 10 * 43 / 40]])
+                             [1, 55 * 64 / 60, 35 * 43 / 40 + 10, 10 * 64 / 60, 10 * 43 / 40],
+                             [-1, 3.5 * 64 / 60, 3.5 * 43 / 40 + 10, 5 * 64 / 60, 5 * 43 / 40]])  # the crowd
     assert torch.allclose(targets, expected, atol=1e-4)
 
 
@@ -227,3 +234,26 @@ def test_invalid_json_and_missing_annotation_file(tmp_path):
         open_dataset(tmp_path, tmp_path / "broken.json")
     with pytest.raises(FileNotFoundError, match="annotation file not found: .*nothere.json"):
         open_dataset(tmp_path, tmp_path / "nothere.json")
+
+
+def test_min_box_size_holds_without_augmentation_for_training_only(tmp_path):
+    # a 100x100 image letterboxed to 64: scale 0.64, so a 3 px wide box becomes 1.92 px (< data.min_box_size 2)
+    # and a 4 px one 2.56 px; with every augmentation off nothing but the final filter can remove the first
+    cv2.imwrite(str(tmp_path / "a.png"), np.zeros((100, 100, 3), np.uint8))
+    ann_file = tmp_path / "ann.json"
+    ann_file.write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "a.png", "width": 100, "height": 100}],
+        "annotations": [ann(1, 1, [10, 10, 3, 20]), ann(2, 1, [50, 50, 4, 20]), ann(3, 1, [0, 0, 50, 2], iscrowd=1)],
+        "categories": [{"id": 3, "name": "a"}]}))
+    from datasets.loader import build_dataset
+    from utils.augmentations import AUGMENTATIONS
+    from utils.config import load_config
+
+    overrides = [f"data.{split}_{kind}={tmp_path / name}" for split in ("train", "val")
+                 for kind, name in (("images", ""), ("annotations", "ann.json"))]
+    cfg = load_config(DATA.parent.parent / "args.yaml", [*overrides, "data.img_size=64", "data.min_box_size=2",
+                                                         *(f"augment.{key}.p=0" for key in AUGMENTATIONS)])
+    _, train, _ = build_dataset(cfg, "train")[0]
+    assert torch.allclose(train, torch.tensor([[0, 52 * 0.64, 60 * 0.64, 4 * 0.64, 20 * 0.64]]))
+    _, val, _ = build_dataset(cfg, "val")[0]  # validation keeps every box, the crowd (1.28 px high) too
+    assert len(val) == 3 and val[:, 3:].min() == pytest.approx(2 * 0.64)

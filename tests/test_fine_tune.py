@@ -20,8 +20,7 @@ from datasets.coco_names import COCO_NAMES
 from datasets.shapes import SHAPE_CLASSES, generate_shapes
 from engine import lr_factor, resolve_schedule
 from models import build_model
-from models.transfer import Transfer, normalize_name, start_from, transfer_state
-from tools.darknet_prefix import cut_prefix
+from models.transfer import Transfer, cut_prefix, normalize_name, start_from, transfer_state
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.config import Config, ConfigError, DataConfig, TrainConfig, config_to_dict, load_config
 from utils.typed_yaml import build_config

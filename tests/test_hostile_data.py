@@ -24,6 +24,7 @@ from reliability.hostile_inputs import (
     write_annotation_case,
     write_image_case,
 )
+from utils.boxes import CROWD_CLASS
 from utils.config import Config
 
 DECODE = "cannot be decoded as an image"
@@ -266,6 +267,6 @@ def test_fuzzed_annotation_files_give_an_error_or_valid_targets(changes, tmp_pat
         assert np.isfinite(boxes).all() and (boxes[:, 0] >= 0).all() and (boxes[:, 1] >= 0).all()
         assert (boxes[:, 2] <= width).all() and (boxes[:, 3] <= height).all()
         assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
-        assert ((classes >= 0) & (classes < len(dataset.class_names))).all()
+        assert (((classes >= 0) & (classes < len(dataset.class_names))) | (classes == CROWD_CLASS)).all()
         kept += len(boxes)
     assert kept + sum(dataset.dropped.values()) == len(data["annotations"])  # every box kept or counted

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 from conftest import DATA
-from torch.utils.data import RandomSampler, SequentialSampler
+from torch.utils.data import DistributedSampler, RandomSampler, SequentialSampler
 
 from datasets.loader import MultiScaleBatchSampler, build_dataset, build_loader, ignore_foreign_sigterm, train_sizes
 from datasets.shapes import generate_shapes
@@ -144,3 +144,53 @@ def test_workers_die_of_sigterm_only_from_the_trainer():
     worker.terminate()  # from the trainer (multiprocessing's terminate at exit): ends, with status 0
     worker.join(10)
     assert worker.exitcode == 0
+
+
+def test_ranks_draw_distinct_seeds_and_together_equal_one_big_batch():
+    # 2 ranks x 4 images must be the 8 images of one process's batch of 8, with the same sizes and the same
+    # augmentation seeds; before, image j of every rank got the same seed (the seeds came from (seed, epoch) only)
+    data = range(40)
+
+    def sampler(world, rank, batch_size):
+        return MultiScaleBatchSampler(DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=3),
+                                      batch_size, sizes=[64, 96, 128], every=1, drop_last=True, seed=3)
+
+    one, ranks = sampler(1, 0, 8), [sampler(2, r, 4) for r in (0, 1)]
+    for epoch in (0, 1):
+        for s in (one, *ranks):
+            s.set_epoch(epoch)
+        for big, mine, other in zip(one, *ranks, strict=True):
+            assert sorted(big) == sorted(mine + other)  # (index, size, seed) triples
+            assert not {seed for _, _, seed in mine} & {seed for _, _, seed in other}
+    assert len(one) == len(ranks[0]) == 5
+
+
+def test_multiscale_size_changes_every_n_optimiser_steps():
+    # 10 images in micro-batches of 2: 5 per epoch, optimiser steps of 2 micro-batches (subdivisions), a new size
+    # every 3 steps = 6 micro-batches counted over the run: step 2 is the last micro-batch of epoch 0 and the first
+    # of epoch 1, and has one size
+    sampler = MultiScaleBatchSampler(SequentialSampler(range(10)), batch_size=2, sizes=range(64, 321, 32), every=3,
+                                     drop_last=True, seed=0, subdivisions=2)
+    sizes = []
+    for epoch in range(6):
+        sampler.set_epoch(epoch)
+        sizes += [batch[0][1] for batch in sampler]
+    assert len(sizes) == 30
+    blocks = [sizes[i:i + 6] for i in range(0, 30, 6)]
+    assert all(len(set(block)) == 1 for block in blocks)
+    assert len({block[0] for block in blocks}) > 1
+    sampler.set_epoch(3, start_batch=2)  # a resumed run: micro-batch 2 of epoch 3 is micro-batch 17 of the run
+    assert [batch[0][1] for batch in sampler] == sizes[17:20]
+
+
+def test_train_loader_counts_multiscale_every_in_optimiser_steps(shapes_root):
+    cfg = config(shapes_root, "data.multiscale=[64,160]", "data.multiscale_every=1", "train.batch_size=4",
+                 "train.subdivisions=2", "data.workers=0", "model.num_classes=6")
+    loader = build_loader(cfg, build_dataset(cfg, "train"), train=True, batch_size=2)
+    sizes = []
+    for epoch in range(3):
+        loader.batch_sampler.set_epoch(epoch)
+        sizes += [batch[0][1] for batch in loader.batch_sampler]  # the sampler alone: no image is decoded
+    assert len(sizes) == 36
+    assert all(sizes[i] == sizes[i + 1] for i in range(0, 36, 2))  # both micro-batches of each step
+    assert len(set(sizes)) > 1

@@ -180,6 +180,49 @@ def test_ignore_threshold_below_iou_keeps_the_penalty():
     assert obj[1.0] - obj[0.4] == pytest.approx(bce(2.0, 0) / 2, rel=1e-6)
 
 
+# -- crowd regions (class -1): never positives, predictions at least half inside one are not pushed to background ---
+# In the small layout zero outputs decode to the anchors (10,13), (30,30), (60,50) centred in the cells, at x and y
+# 16 (row / column 0) or 48 (1). The fraction of a prediction inside a crowd region is intersection / its own area.
+CROWD = -1.0
+
+
+@pytest.mark.parametrize("ignore_threshold", [0.7, 1.0])  # the crowd rule does not depend on the IoU threshold
+def test_crowd_region_ignores_the_predictions_mostly_inside_it(ignore_threshold):
+    # crowd xyxy (0, 0, 40, 40) in image 1 of 2. At (16, 16): (10,13) and (30,30) lie wholly inside, (60,50) spans
+    # -14..46 x -9..41, inside 40 * 40 / 3000 = 0.53. Every other prediction is inside by at most 22 * 40 / 3000 =
+    # 0.29 ((60,50) at (48, 16)). So 3 of the 24 predictions get no loss; by IoU none would (the best, (30,30) at
+    # (16, 16), has 900 / 1600 = 0.56)
+    crowd = torch.tensor([[1.0, CROWD, 20.0, 20.0, 40.0, 40.0]])
+    raw = torch.zeros(2, 3, 2, 2, 7, requires_grad=True)
+    loss = small_loss(ignore_threshold=ignore_threshold)
+    total, terms = loss([raw], crowd)
+    assert terms["obj"].item() == pytest.approx((24 - 3) * LOG2 / 2, rel=1e-6)
+    assert terms["xy"] == terms["wh"] == terms["cls"] == 0 and total.item() == terms["obj"].item()
+    assert loss.assign(crowd, [(2, 2)])[0].tolist() == []  # never a positive
+    found = loss.ignored(torch.zeros(4, 3, 8), crowd, [(2, 2)]).view(3, 2, 4)  # [slot, image, row * 2 + col]
+    assert found[:, 1, 0].all() and found.sum() == 3
+
+
+def test_crowd_rule_at_exactly_half_and_an_object_inside_a_crowd_stays_positive():
+    # crowd xyxy (0, 0, 48, 64). Column 0 (x 16): (10,13) and (30,30) wholly inside, (60,50) 46 * 41 / 3000 = 0.63
+    # in both rows -> 6 ignored. Column 1 (x 48): (10,13) spans x 43..53 and (30,30) 33..63, both exactly half inside
+    # (5 of 10, 15 of 30 px), ignored as COCOeval matches at IoU >= its threshold; (60,50): 30 / 60 * 41 / 50 = 0.41,
+    # penalised -> 10 of 12 ignored. SMALL_GT's positive (slot 1, row 0, col 1) is one of the half-inside ones: it
+    # keeps target 1, and its xy, wh and cls terms are those of test_hand_computed_zero_outputs.
+    crowd = torch.tensor([[0.0, CROWD, 24.0, 32.0, 48.0, 64.0]])
+    loss = small_loss()
+    _, alone = loss([torch.zeros(1, 3, 2, 2, 7, requires_grad=True)], crowd)
+    assert alone["obj"].item() == pytest.approx(2 * LOG2, rel=1e-6)
+    targets = torch.cat([crowd, SMALL_GT])  # the crowd first: it must not take or shift the positive's slot
+    assert loss.assign(targets, [(2, 2)])[0].tolist() == [[1, 0, 1, 0, 1]]
+    _, terms = loss([torch.zeros(1, 3, 2, 2, 7, requires_grad=True)], targets)
+    assert terms["obj"].item() == pytest.approx(bce(0.0, 1) + 2 * LOG2, rel=1e-6)
+    assert terms["xy"].item() == pytest.approx(SMALL_SCALE * 2 * LOG2, rel=1e-6)
+    assert terms["wh"].item() == pytest.approx(SMALL_SCALE * 0.5 * (math.log(24 / 30) ** 2 + math.log(36 / 30) ** 2),
+                                               rel=1e-6)
+    assert terms["cls"].item() == pytest.approx(2 * LOG2, rel=1e-6)
+
+
 # -- duplicates ----------------------------------------------------------------------------------------------------
 def test_duplicate_slot_later_target_wins_deterministically():
     # both at cell (1, 0) with best anchor (30, 30) (26x34: IoU 780/1004 = 0.78), different classes and offsets

@@ -226,3 +226,70 @@ def test_batch_overfit_reaches_high_ap50(shapes):
     assert result["AP50"] >= 0.9
     assert result["obj"] < 1.0 and result["cls"] < 0.5
 
+
+
+DDP_STEP_WORKER = """\
+import json, os, sys
+sys.path.insert(0, {root!r})
+import torch
+import main
+
+out, rank = os.environ["OUT"], int(os.environ.get("RANK", 0))
+loaders, build = [], main.build_start_model
+
+
+def build_frozen_bn(*args):  # BatchNorm in eval mode: its batch statistics would differ between 2 and 4 images
+    model = build(*args)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.eval()
+    torch.save({{k: v.clone() for k, v in model.state_dict().items()}}, os.path.join(out, f"start{{rank}}.pt"))
+    return model
+
+
+def keep_loader(*args):
+    data = training_data(*args)
+    loaders.append(data[1])
+    return data
+
+
+main.build_start_model, training_data, main.training_data = build_frozen_bn, main.training_data, keep_loader
+result = main.main(sys.argv[1:])
+torch.save(result["model"].state_dict(), os.path.join(out, f"end{{rank}}.pt"))
+sampler = loaders[0].batch_sampler
+sampler.set_epoch(0)
+json.dump(next(iter(sampler)), open(os.path.join(out, f"batch{{rank}}.json"), "w"))
+"""
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_step_as_one_process_with_the_whole_batch(shapes, tmp_path):
+    # 2 gloo ranks x 2 images must take the optimiser step of 1 process x 4 images: the same images with the same
+    # augmentation (affine always on, so that a wrong seed shows) and the same gradient (BatchNorm frozen)
+    worker = tmp_path / "worker.py"
+    worker.write_text(DDP_STEP_WORKER.format(root=str(ROOT)))
+    args = run_args(shapes, tmp_path / "logs", "train.steps=1", "train.subdivisions=1", "train.optimizer=sgd",
+                    "train.lr=0.01", "train.burn_in=0", "train.clip_grad_norm=null", "train.ema=false",
+                    "augment.affine.p=1.0", "logging.images=0")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # --standalone: a free port (a fixed one collides with other test runs on the machine)
+    for name, launcher in (("ddp", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]),
+                           ("one", [])):
+        (tmp_path / name).mkdir()
+        run = subprocess.run([sys.executable, *launcher, str(worker), *args], cwd=ROOT, env={**env, "OUT": str(
+            tmp_path / name)}, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    import json
+    ranks = [json.loads((tmp_path / "ddp" / f"batch{r}.json").read_text()) for r in (0, 1)]
+    whole = json.loads((tmp_path / "one" / "batch0.json").read_text())
+    assert len(ranks[0]) == len(ranks[1]) == 2 and len(whole) == 4
+    assert not {seed for _, _, seed in ranks[0]} & {seed for _, _, seed in ranks[1]}  # each rank its own draws
+    assert sorted(ranks[0] + ranks[1]) == sorted(whole)  # (index, size, seed): the images of the whole batch
+    start, ddp, one = (torch.load(tmp_path / d / f"{w}0.pt") for d, w in (("one", "start"), ("ddp", "end"),
+                                                                           ("one", "end")))
+    moved = 0
+    for k, v in start.items():
+        if v.dtype.is_floating_point and "running" not in k:
+            torch.testing.assert_close(ddp[k], one[k], rtol=1e-6, atol=1e-9, msg=k)  # float rounding only
+            moved += not torch.equal(one[k], v)
+    assert moved > 10  # the step changed the weights

@@ -87,3 +87,14 @@ def test_bad_options_are_one_line_errors(tmp_path):
         visualization.main(["--weights", str(weights), *ARGS, "--half"])
     with pytest.raises(SystemExit, match=r"--device 'gpu0': expected cpu, cuda, cuda:N or N"):
         visualization.main(["--weights", str(weights), *ARGS, "--device", "gpu0"])
+
+
+def test_crowd_regions_are_drawn_grey_not_as_the_last_class():
+    # class -1 must not index the names from the end (it would be labelled and coloured as the last class)
+    from utils.boxes import CROWD_CLASS
+    from utils.plots import draw_boxes
+
+    image = np.zeros((40, 60, 3), np.uint8)
+    draw_boxes(image, np.array([[5.0, 20.0, 55.0, 35.0]]), np.array([CROWD_CLASS]), ["a", "b"], thickness=1)
+    assert tuple(image[35, 30]) == tuple(image[25, 5]) == (128, 128, 128)  # bottom and left edges: grey
+    assert (image[:, :, 0] == image[:, :, 1]).all() and (image[:, :, 1] == image[:, :, 2]).all()  # no class colour

@@ -17,6 +17,7 @@ import numpy as np
 from datasets.coco import DatasetError, image_boxes, read_coco_json
 from models import DARKNET_ANCHORS
 from models.yolo import ANCHOR_MASKS
+from utils.boxes import CROWD_CLASS
 from utils.cli import add_config_args, parse_cli
 from utils.config import Config
 
@@ -116,16 +117,20 @@ def kmeans_anchors(wh: np.ndarray, k: int, seed: int = 0, restarts: int = 3, max
 def load_box_sizes(annotations_path: str | Path, img_size: int) -> tuple[np.ndarray, dict[str, int]]:
     """COCO json -> box sizes (N, 2) as (w, h) in letterboxed input px, and counts of the boxes left out.
 
-    The file is read and filtered exactly as training reads it (datasets.coco: crowd, degenerate and outside boxes
-    dropped, boxes clipped to the image); each box is then scaled by img_size / max(width, height) of its image.
+    The file is read and filtered exactly as training reads it (datasets.coco: degenerate and outside boxes dropped,
+    boxes clipped to the image); crowd regions are left out too (training keeps them as ignore regions, never as
+    positives, so no anchor is fitted to them). Each box is then scaled by img_size / max(width, height) of its image.
     """
     path = Path(annotations_path)
     data = read_coco_json(path)
     category_to_class = {c["id"]: i for i, c in enumerate(data["categories"])}
     per_image, dropped = image_boxes(data, path, category_to_class)
     scale = {image["id"]: img_size / max(image["width"], image["height"]) for image in data["images"]}
-    sizes = [(boxes[:, 2:] - boxes[:, :2]) * scale[image_id] for image_id, (boxes, _) in per_image.items()]
-    return np.concatenate([np.zeros((0, 2)), *sizes]).astype(np.float64), dict(dropped)
+    objects = {image_id: boxes[classes != CROWD_CLASS] for image_id, (boxes, classes) in per_image.items()}
+    sizes = [(boxes[:, 2:] - boxes[:, :2]) * scale[image_id] for image_id, boxes in objects.items()]
+    crowd = sum(len(per_image[i][0]) - len(boxes) for i, boxes in objects.items())
+    skipped = {**({"crowd": crowd} if crowd else {}), **dropped}
+    return np.concatenate([np.zeros((0, 2)), *sizes]).astype(np.float64), skipped
 
 
 def round_anchors(anchors: np.ndarray) -> np.ndarray:

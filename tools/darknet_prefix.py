@@ -13,20 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from models import build_model
-from models.darknet import save_darknet_weights
+from models.transfer import cut_prefix
 from utils.config import ENCODERS
-
-
-def cut_prefix(full: Path, out: Path, arch: str, num_classes: int = 80) -> str:
-    """Write the named backbone prefix of `full` (a full `arch` .weights file) to `out`; returns the prefix's name."""
-    model = build_model(arch, "darknet53", num_classes)
-    part = model.load_darknet_weights(full)
-    if part != "full model":
-        raise ValueError(f"{full} holds only the {part}, not a full {arch} model to cut a prefix from")
-    (name, count), = model.darknet_prefixes.items()
-    save_darknet_weights(model.darknet_layers()[:count], out, model.darknet_header)
-    return name
 
 
 def main(argv: list[str] | None = None) -> str:

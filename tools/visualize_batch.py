@@ -1,4 +1,5 @@
-"""Write a PNG grid of batches exactly as the model sees them (augmented, letterboxed) with boxes and class names.
+"""Write a PNG grid of batches exactly as the model sees them (augmented, letterboxed) with boxes and class names;
+crowd regions, which the loss ignores, in grey.
 
     python -m tools.visualize_batch                          # one training micro-batch of the configured data
     python -m tools.visualize_batch --split val --batches 2 --out logs/val_batches.png

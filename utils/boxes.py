@@ -1,8 +1,13 @@
-"""Box format conversions (the format is in the name: xyxy corners, cxcywh centre and size, in pixels) and
-the ragged index helper that box matching and per-image selection share."""
+"""Box format conversions (the format is in the name: xyxy corners, cxcywh centre and size, in pixels), the class
+that marks a crowd region in targets, and the ragged index helper that box matching and per-image selection share."""
 from __future__ import annotations
 
 import torch
+
+# The class of a crowd region (COCO iscrowd=1) in targets [batch_index, class, cx, cy, w, h]: an ignore region, never
+# a positive and no objectness penalty for predictions inside it (models/loss.py); drawn and counted apart, never
+# looked up as a class name.
+CROWD_CLASS = -1
 
 
 def box_cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:

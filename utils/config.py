@@ -122,11 +122,11 @@ class DataConfig:
     # [min, max] training sizes, step 32: pixels, or factors of img_size (values below SCALE_BELOW; min rounded up,
     # max down to multiples of 32: the default [0.75, 1.5] gives Darknet's 320-608 at 416, 256-480 at 320)
     multiscale: list[int | float] | None = field(default_factory=lambda: [0.75, 1.5])  # None: img_size only
-    multiscale_every: int = 10  # batches between size changes
+    multiscale_every: int = 10  # optimiser steps (train.batch_size images) between size changes
     workers: int = 4
     timeout: float = 300.0  # seconds to wait for one batch from the workers before it is an error
     skip_bad_images: bool = False  # False: an unreadable image is an error; True: skipped with a warning
-    min_box_size: float = 2.0  # pixels; boxes narrower/shorter after augmentation are removed
+    min_box_size: float = 2.0  # input pixels; training boxes narrower/shorter after letterbox + augmentation go
 
     def check(self, origin: Origin) -> None:
         """Raise ConfigError for values the data pipeline cannot use."""

@@ -9,7 +9,10 @@ import cv2
 import numpy as np
 import torch
 
+from utils.boxes import CROWD_CLASS
+
 TRUE_BOX_COLOR = (255, 255, 255)  # ground truth: white, so that predictions in class colours stand out
+CROWD_COLOR = (128, 128, 128)  # crowd (ignore) regions: grey, no class colour
 
 
 def class_color(class_index: int) -> tuple[int, int, int]:
@@ -27,12 +30,14 @@ def tensor_to_image(image: torch.Tensor) -> np.ndarray:
 
 def draw_boxes(image: np.ndarray, boxes_xyxy: np.ndarray, classes: np.ndarray, names: Sequence[str],
                scores: np.ndarray | None = None, thickness: int = 2) -> np.ndarray:
-    """Draw (K, 4) xyxy pixel boxes with their class name (and score) on a (H, W, 3) uint8 RGB image, in place."""
+    """Draw (K, 4) xyxy pixel boxes with their class name (and score) on a (H, W, 3) uint8 RGB image, in place.
+    Crowd regions (class CROWD_CLASS) are grey and labelled "crowd"."""
     for i, (box, cls) in enumerate(zip(np.asarray(boxes_xyxy), np.asarray(classes), strict=True)):
         x1, y1, x2, y2 = (int(round(float(v))) for v in box)
-        color = class_color(int(cls))
+        crowd = int(cls) == CROWD_CLASS  # not names[-1]: Python would give the last class's name
+        color = CROWD_COLOR if crowd else class_color(int(cls))
         cv2.rectangle(image, (x1, y1), (x2, y2), color, thickness)
-        label = names[int(cls)] if int(cls) < len(names) else str(int(cls))
+        label = "crowd" if crowd else names[int(cls)] if 0 <= int(cls) < len(names) else str(int(cls))
         if scores is not None:
             label = f"{label} {float(scores[i]):.2f}"
         (tw, th), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, 0.4, 1)

@@ -3,11 +3,9 @@
 Everything is vectorised over the batch. NMS runs with one group per (image, class), first on each image's
 NMS_FIRST x max_det best candidates only (`nms_best_first`: exact, as max_det per image is all that is kept), and in
 `grouped_nms` whole groups are packed into chunks of about NMS_CHUNK boxes, each chunk one NMS with its groups offset
-apart. One NMS per group (torchvision's batched_nms above 4,000 boxes) costs a call each, a kernel launch and a host
-sync on CUDA; one NMS over everything (its coordinate trick) is quadratic in all the boxes of a batch (58 s on
-8 x 10,000 candidates on a CPU). For a batch of 8 at 416 with trained-like scores (2,289 candidates per image), from
-batched_nms to chunks to chunks after the best first: 176 -> 47 -> 40 ms on the 2-core CPU and 18.9 -> 10.4 -> 6.5 ms
-on an H200; worst case (every score passes): 266 -> 154 -> 53 ms and 166 -> 35 -> 6.3 ms (BENCHMARKS.md, 2026-11-26).
+apart. One NMS per group (torchvision's batched_nms above 4,000 boxes)
+costs a call each, a kernel launch and a host sync on CUDA; one NMS over everything (its coordinate trick) is
+quadratic in all the boxes of a batch. The measured times of each form are in BENCHMARKS.md (post-processing).
 """
 from __future__ import annotations
 

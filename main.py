@@ -35,6 +35,7 @@ from engine import (
     ProgressWindow,
     Trainer,
     evaluate,
+    evaluation_form,
     micro_batches,
     prediction_grid,
     train_step,
@@ -175,9 +176,11 @@ def main(argv: list[str] | None = None) -> dict:
     # -- run folder and logs ----------------------------------------------------------------------------------------
     run_dir = make_run_dir(cfg, args.resume, main_process)
     logger = RunLogger(run_dir, main_process, state.step)
-    log.info("run %s | %s/%s, %d classes | %d train, %d val images | device %s x %d | step %d of %d",
-             run_dir, cfg.model.arch, cfg.model.encoder, cfg.model.num_classes, len(train_set),
-             len(val_loader.dataset), device, world, state.step, cfg.train.steps)
+    eval_form = evaluation_form(trainer.eval_model, cfg.eval.amp, cfg.data.img_size, device)
+    log.info("run %s | %s/%s, %d classes | %d train, %d val images | device %s x %d | step %d of %d | training in "
+             "%s, evaluating in %s", run_dir, cfg.model.arch, cfg.model.encoder, cfg.model.num_classes,
+             len(train_set), len(val_loader.dataset), device, world, state.step, cfg.train.steps,
+             str(trainer.amp_dtype or torch.float32).removeprefix("torch."), eval_form)
 
     def checkpoint(name: str) -> None:
         if main_process:
@@ -217,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
         if state.step % cfg.train.checkpoint_every == 0:
             checkpoint("last.pt")
         if state.step % cfg.eval.every == 0 or state.step == cfg.train.steps:
-            evaluation = evaluate(trainer.eval_model, val_loader, cfg.eval, device, progress=False)
+            evaluation = evaluate(trainer.eval_model, val_loader, cfg.eval, device, eval_form.dtype, progress=False)
             log_evaluation(evaluation, val_loader, cfg, logger, state.step)
             best, patience_out = state.record_evaluation(evaluation.stats[cfg.eval.metric], cfg.train.patience)
             if best:

@@ -212,7 +212,8 @@ def test_mobilenet_pretrained_wrong_file(tmp_path):
 def test_bad_arch_and_encoder():
     with pytest.raises(ValueError, match="model.arch='yolov4': unknown architecture"):
         build_model("yolov4")
-    with pytest.raises(ValueError, match="model.encoder='mobilenet_v3_small': does not exist for yolov3-tiny; use 'darknet53'"):
+    with pytest.raises(ValueError, match="model.encoder='mobilenet_v3_small': does not exist for yolov3-tiny; "
+                                         "use 'darknet53'"):
         build_model("yolov3-tiny", "mobilenet_v3_small")
     with pytest.raises(FileNotFoundError, match="download_darknet_weights.sh"):
         build_model("yolov3", pretrained=True)

@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.batch_size is not None and args.batch_size < 1:
         parser.error(f"--batch-size {args.batch_size}: must be at least 1")
-    model, cfg, device = inference_setup(args)
+    model, cfg, device, form = inference_setup(args)
     batch_size = args.batch_size or cfg.eval.batch_size
     try:
         sources, ignored = find_sources(args.source)
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
         frames = read_frames(sources, skipped, bar)
         while batch := list(itertools.islice(frames, batch_size)):
             detections = detect(model, [f.image for f in batch], cfg.data.img_size, cfg.eval,
-                                cfg.detect.conf_threshold, device)
+                                cfg.detect.conf_threshold, device, form.dtype)
             outputs.add(batch, [image_id(f) for f in batch], detections)
             bar.update(len(batch))
     outputs.close_video()

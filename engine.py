@@ -36,10 +36,12 @@ from tqdm import tqdm
 
 from datasets.coco_eval import coco_evaluate, to_coco_rows
 from datasets.loader import checked_batches
+from models.forms import Form, choose_form
 from models.loss import YOLOLoss, build_loss
 from models.postprocess import postprocess, to_original_pixels
 from utils.config import OPTIMIZERS, Config, EvalConfig, TrainConfig, config_to_dict
 from utils.distributed import all_gather_rows, all_reduce_mean, broadcast_object, get_world_size, is_main_process
+from utils.hardware import cpu_has_native_bf16
 from utils.logger import RunLogger, log
 from utils.plots import draw_detections, image_grid
 
@@ -252,11 +254,11 @@ class TimeBudget:
 
 
 def estimate_eval_seconds(model: nn.Module, loader: DataLoader, eval_cfg: EvalConfig, device: torch.device,
-                          amp: bool = False) -> float:
+                          amp_dtype: torch.dtype | None = None) -> float:
     """Seconds one evaluation over `loader` will take: two batches timed, scaled to the loader, plus the COCO API's
     time (about 5 ms per image)."""
     start, training, batches = time.perf_counter(), model.training, min(2, len(loader))
-    predict(model, loader, eval_cfg, device, amp, progress=False, max_batches=batches)
+    predict(model, loader, eval_cfg, device, amp_dtype, progress=False, max_batches=batches)
     model.train(training)
     return (time.perf_counter() - start) / batches * len(loader) + 0.005 * len(loader.dataset) + 0.5
 
@@ -292,7 +294,15 @@ class StepResult:
 
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """train.amp -> the autocast dtype on this device, or None for fp32 (fp16 needs CUDA; bf16 works on both)."""
+    """train.amp -> the autocast dtype on this device, or None for fp32 (fp16 needs CUDA; bf16 works on both).
+
+    auto: bf16 where it is native (a CPU with AVX512-BF16 / AMX-BF16, a GPU with bf16: no GradScaler, no skipped
+    steps), fp16 on other GPUs, fp32 on other CPUs (emulated bf16 is slower than fp32). The rule is backed by
+    bench/model.py's training-step rows (fp32 vs bf16 in alternating rounds) on each CPU kind: BENCHMARKS.md."""
+    if amp == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
     if amp == "fp16" and device.type == "cuda":
         return torch.float16
     if amp == "bf16":
@@ -620,10 +630,11 @@ class EvalResult:
 
 @torch.inference_mode()
 def predict(model: torch.nn.Module, loader: DataLoader, eval_cfg: EvalConfig, device: torch.device,
-            amp: bool = False, progress: bool = True, max_batches: int | None = None
+            amp_dtype: torch.dtype | None = None, progress: bool = True, max_batches: int | None = None
             ) -> tuple[np.ndarray, dict[str, float]]:
-    """Run the model over the loader (its first max_batches batches only, if given); returns COCO rows (M, 7) at
-    eval_cfg.conf_threshold and seconds per stage."""
+    """Run the model over the loader (its first max_batches batches only, if given; under autocast of `amp_dtype`:
+    models/forms.py Form.dtype; None: as it is); returns COCO rows (M, 7) at eval_cfg.conf_threshold and seconds per
+    stage."""
     model.eval()
     category_ids = loader.dataset.category_ids
     seconds: dict[str, float] = defaultdict(float)
@@ -635,7 +646,7 @@ def predict(model: torch.nn.Module, loader: DataLoader, eval_cfg: EvalConfig, de
                                  unit="batch", disable=not progress, leave=False):
         seconds["data"] += time.perf_counter() - start
         start = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.float16, enabled=amp and device.type == "cuda"):
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             pred = model(images.to(device, non_blocking=True)).float()
         sync()
         seconds["model"] += time.perf_counter() - start
@@ -649,11 +660,11 @@ def predict(model: torch.nn.Module, loader: DataLoader, eval_cfg: EvalConfig, de
 
 
 def evaluate(model: torch.nn.Module, loader: DataLoader, eval_cfg: EvalConfig, device: torch.device,
-             amp: bool = False, progress: bool = True) -> EvalResult:
+             amp_dtype: torch.dtype | None = None, progress: bool = True) -> EvalResult:
     """Predict over the loader's dataset (this rank's shard under DDP, the rows gathered from all ranks) and score
     it with the COCO API (eval_cfg.backend) on rank 0; every rank returns the stats, rank 0 the per-class AP50 and
     the table too."""
-    rows, seconds = predict(model, loader, eval_cfg, device, amp, progress)
+    rows, seconds = predict(model, loader, eval_cfg, device, amp_dtype, progress)
     rows = all_gather_rows(rows)  # every rank predicted its shard (datasets/loader.py ShardSampler)
     dataset = loader.dataset
     start = time.perf_counter()
@@ -663,6 +674,15 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, eval_cfg: EvalConfig, d
                                                 eval_cfg.backend)
     seconds["cocoeval"] = time.perf_counter() - start
     return EvalResult(broadcast_object(stats), per_class, table, rows, seconds)
+
+
+def evaluation_form(model: nn.Module, amp: str, size: int, device: torch.device) -> Form:
+    """The form training evaluates `model` in (eval.amp `amp`; never packed: its weights go on changing), probed at
+    (1, 3, size, size) on rank 0 and the same on every rank; the model's train / eval mode is left as it was."""
+    training = model.training
+    _, form = choose_form(model, device, size, amp, pack=False)
+    model.train(training)
+    return broadcast_object(form)
 
 
 def prediction_grid(dataset, rows: np.ndarray, count: int, min_score: float = 0.3) -> np.ndarray:  # noqa: ANN001

@@ -16,7 +16,7 @@ import torch
 
 from datasets.transforms import Preprocess
 from models import YOLO
-from models.packed import pack_conv_weights, packing_available
+from models.forms import Form, FormError, choose_form, prepare
 from models.postprocess import postprocess, to_original_pixels
 from models.transfer import load_model
 from utils.checkpoint import CheckpointError
@@ -44,13 +44,12 @@ class CompileError(RuntimeError):
 
 def compile_for_inference(model: torch.nn.Module) -> torch.nn.Module:
     """torch.compile (inductor) with the weights frozen as constants, for a model whose weights no longer change
-    (validation, detection; never a model being trained or averaged). On this project's 2-core CPU it took the
-    fused channels_last YOLOv3 from 0.79 to 0.93 of the conv ceiling at batch 1 (bench/run.py --compile), after
-    ~20 s of compilation per input shape; it needs a C++ compiler.
+    (validation, detection; never a model being trained or averaged): faster per image after some seconds of
+    compilation per input shape (bench/run.py --compile; figures in BENCHMARKS.md); it needs a C++ compiler.
 
     Freezing is switched on process-wide (torch._inductor.config.freezing): inductor reads it when it compiles,
     at the first call and at each recompilation, not in torch.compile(); torch.compile(options={"freezing": True})
-    measured no faster than eager here. The tools that call this compile nothing else. Raises CompileError at once
+    was measured no faster than eager (BENCHMARKS_HISTORY.md). The tools that call this compile nothing else. Raises CompileError at once
     where inductor's C++ compiler is missing (it would fail only at the first call, deep in a traceback)."""
     compiler = os.environ.get("CXX") or "g++"  # what inductor runs on a CPU (and Triton's launcher needs a C one)
     if shutil.which(compiler) is None:
@@ -62,24 +61,40 @@ def compile_for_inference(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def add_speed_args(parser: argparse.ArgumentParser) -> None:
-    """--compile and --no-pack, for the tools that run a trained model (validation.py, detect.py, visualization.py)."""
+    """--amp / --no-amp, --pack / --no-pack and --compile, for the tools that run a trained model (validation.py,
+    detect.py, visualization.py): which form the model runs in (models/forms.py)."""
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, help="autocast: fp16 on CUDA, bf16 on a "
+                        "CPU; --no-amp: fp32 (default: eval.amp, auto: on a CPU with native bf16 the probe may pick "
+                        "bf16, on CUDA fp32)")
+    parser.add_argument("--pack", action=argparse.BooleanOptionalAction, help="on a CPU, conv weights packed for "
+                        "oneDNN once, activations fused (fp32: the same outputs, ~10%% faster at batch 1 on AVX2); "
+                        "--no-pack: the plain convs (default: the probe decides)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model, weights frozen: faster per "
-                        "image after ~20 s of compilation per input shape on a CPU (needs a C++ compiler)")
-    parser.add_argument("--no-pack", action="store_true", help="on a CPU, run the plain convs (default: weights "
-                        "packed for oneDNN once, activations fused; the same outputs, ~10%% faster at batch 1)")
+                        "image after ~20 s of compilation per input shape on a CPU (needs a C++ compiler; fp32 "
+                        "unless --amp)")
 
 
-def ready_for_inference(model: YOLO, device: torch.device, size: int, compile: bool = False, pack: bool = True
-                        ) -> torch.nn.Module:
-    """An eval-mode model (BN fused or not) as the tools run it: channels_last on `device`, then compiled
-    (`compile`), or on a CPU in fp32 with its conv weights packed for oneDNN (`pack`, models/packed.py; packed for
-    (1, 3, size, size) inputs, other shapes run too). Raises CompileError where `compile` cannot run."""
-    model = model.eval().to(device, memory_format=torch.channels_last)
+def amp_mode(flag: bool | None, configured: str, device: torch.device) -> str:
+    """The eval.amp value the tools run with: `configured`, or what --amp (the device's autocast: fp16 on CUDA,
+    bf16 on a CPU) / --no-amp (fp32) say."""
+    if flag is None:
+        return configured
+    return ("fp16" if device.type == "cuda" else "bf16") if flag else "fp32"
+
+
+def ready_for_inference(model: YOLO, device: torch.device, size: int, amp: str = "auto", pack: bool | None = None,
+                        compile: bool = False) -> tuple[torch.nn.Module, Form]:
+    """An eval-mode model (BN fused or not) as the tools run it, and its form: channels_last on `device`, then
+    compiled (`compile`: fp32, or the autocast `amp` names; no probe, each candidate would compile for ~20 s), or in
+    the fastest form that eval.amp `amp` and `pack` allow (models/forms.py choose_form: on a CPU a probe of a few
+    (1, 3, size, size) forwards when several forms qualify). Raises CompileError where `compile` cannot run, FormError
+    for options that name no form."""
     if compile:
-        return compile_for_inference(model)
-    if pack and device.type == "cpu" and packing_available():  # the tools autocast on CUDA only
-        pack_conv_weights(model, torch.zeros(1, 3, size, size).contiguous(memory_format=torch.channels_last))
-    return model
+        if pack:
+            raise FormError("--compile freezes and lays out the weights itself; --pack is for eager runs: choose one")
+        name = "fp32" if amp == "auto" or (amp == "fp16" and device.type == "cpu") else amp
+        return compile_for_inference(prepare(model, "fp32", device, size)), Form(name, compiled=True)
+    return choose_form(model, device, size, amp, pack)
 
 
 def unit_float(batch: torch.Tensor) -> torch.Tensor:
@@ -89,11 +104,13 @@ def unit_float(batch: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def detect(model: torch.nn.Module, images: Sequence[np.ndarray], size: int, eval_cfg: EvalConfig,
-           conf_threshold: float, device: torch.device) -> torch.Tensor:
+           conf_threshold: float, device: torch.device, amp_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Images (H_i, W_i, 3) uint8 RGB -> detections (M, 7) [image_index, x1, y1, x2, y2, score, class] in each
-    image's original pixels, on the CPU. The model runs in its own dtype (fp16 after model.half())."""
+    image's original pixels, on the CPU. The model runs in its own dtype (fp16 after model.half()), under autocast
+    of `amp_dtype` (Form.dtype) where one is given."""
     batch, metas = letterbox_batch(images, size)
-    pred = model(batch.to(device, non_blocking=True)).float()  # (B, N, 5+C); the model converts the uint8 batch
+    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        pred = model(batch.to(device, non_blocking=True)).float()  # (B, N, 5+C); the model converts the uint8 batch
     detections = postprocess(pred, conf_threshold, eval_cfg.nms_iou, eval_cfg.max_det, eval_cfg.max_candidates,
                              eval_cfg.multi_label)
     return to_original_pixels(detections.cpu(), metas)
@@ -106,15 +123,15 @@ def add_inference_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--img-size", type=int, help="network input side, a multiple of 32 (default: data.img_size)")
     parser.add_argument("--conf", type=float, help="score threshold (default: detect.conf_threshold)")
     parser.add_argument("--device", help="cpu, cuda, cuda:N or N (the same as --gpu; default: cuda:0 if available)")
-    parser.add_argument("--half", action="store_true", help="fp16 weights and inputs (CUDA only)")
+    parser.add_argument("--half", action="store_true", help="fp16 weights and inputs (CUDA only; the form is fp16)")
     add_speed_args(parser)
     parser.add_argument("--out", type=Path, help="output folder (default: <logging.dir>/<tool>_<weights stem>)")
 
 
-def inference_setup(args: argparse.Namespace) -> tuple[YOLO, Config, torch.device]:
+def inference_setup(args: argparse.Namespace) -> tuple[YOLO, Config, torch.device, Form]:
     """Parsed add_inference_args options -> the fused model as ready_for_inference makes it (fp16 with --half),
-    the config whose `model` section describes it, and the device; a bad option, config or weights file exits
-    with one line."""
+    the config whose `model` section describes it, the device and the model's form (printed); a bad option, config
+    or weights file exits with one line."""
     # the options are shorthands for config keys, so the config's checks and messages apply to them
     for key, value in (("data.img_size", args.img_size), ("detect.conf_threshold", args.conf)):
         if value is not None:
@@ -132,7 +149,12 @@ def inference_setup(args: argparse.Namespace) -> tuple[YOLO, Config, torch.devic
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from e
     model = model.fuse().half() if args.half else model.fuse()
+    amp = "fp16" if args.half else amp_mode(args.amp, cfg.eval.amp, device)
     try:
-        return ready_for_inference(model, device, cfg.data.img_size, args.compile, not args.no_pack), cfg, device
+        model, form = ready_for_inference(model, device, cfg.data.img_size, amp, args.pack, args.compile)
     except CompileError as e:
         raise SystemExit(f"error: --compile: {e}") from e
+    except FormError as e:
+        raise SystemExit(f"error: {e}") from e
+    print(f"inference form: {form}")
+    return model, cfg, device, form

@@ -38,6 +38,7 @@ from engine import (
     Trainer,
     estimate_eval_seconds,
     evaluate,
+    evaluation_form,
     micro_batches,
     prediction_grid,
 )
@@ -155,9 +156,9 @@ def log_evaluation(result: EvalResult, val_loader: torch.utils.data.DataLoader, 
 
 
 def fit_to_time(budget: TimeBudget, trainer: Trainer, val_loader: torch.utils.data.DataLoader, cfg: Config,
-                device: torch.device, checkpoint_seconds: float) -> None:
+                device: torch.device, amp_dtype: torch.dtype | None, checkpoint_seconds: float) -> None:
     """train.time_limit: fit the run's length to the time left (rank 0 decides, every rank follows)."""
-    eval_seconds = estimate_eval_seconds(trainer.eval_model, val_loader, cfg.eval, device)
+    eval_seconds = estimate_eval_seconds(trainer.eval_model, val_loader, cfg.eval, device, amp_dtype)
     current = trainer.state.planned_steps
     steps = broadcast_object(budget.fit(trainer.state.step, train_sizes(cfg), eval_seconds, checkpoint_seconds,
                                         cfg, current) if is_main_process() else None)
@@ -196,9 +197,11 @@ def main(argv: list[str] | None = None) -> dict:
     # -- run folder and logs ----------------------------------------------------------------------------------------
     run_dir = make_run_dir(cfg, args.resume, main_process)
     logger = RunLogger(run_dir, main_process, state.step)
-    log.info("run %s | %s/%s, %d classes | %d train, %d val images | device %s x %d | step %d of %d",
-             run_dir, cfg.model.arch, cfg.model.encoder, cfg.model.num_classes, len(train_set),
-             len(val_loader.dataset), device, world, state.step, trainer.steps)
+    eval_form = evaluation_form(trainer.eval_model, cfg.eval.amp, cfg.data.img_size, device)
+    log.info("run %s | %s/%s, %d classes | %d train, %d val images | device %s x %d | step %d of %d | training in "
+             "%s, evaluating in %s", run_dir, cfg.model.arch, cfg.model.encoder, cfg.model.num_classes,
+             len(train_set), len(val_loader.dataset), device, world, state.step, trainer.steps,
+             str(trainer.amp_dtype or torch.float32).removeprefix("torch."), eval_form)
 
     def checkpoint(name: str) -> float:
         start = time.perf_counter()
@@ -210,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
         return time.perf_counter() - start
 
     def evaluation_step() -> bool:
-        evaluation = evaluate(trainer.eval_model, val_loader, cfg.eval, device, progress=False)
+        evaluation = evaluate(trainer.eval_model, val_loader, cfg.eval, device, eval_form.dtype, progress=False)
         log_evaluation(evaluation, val_loader, cfg, logger, state.step)
         best, patience_out = state.record_evaluation(evaluation.stats[cfg.eval.metric], cfg.train.patience)
         if best:
@@ -241,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
         if budget:
             budget.record(state.step, result.size)
             if budget.due(state.step, state.planned_steps is not None):
-                fit_to_time(budget, trainer, val_loader, cfg, device, checkpoint("last.pt"))
+                fit_to_time(budget, trainer, val_loader, cfg, device, eval_form.dtype, checkpoint("last.pt"))
                 progress.total = trainer.steps
         if state.step % cfg.logging.every == 0 or state.step == trainer.steps:
             window.log(logger, trainer, result, trainer.steps, device)

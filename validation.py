@@ -20,7 +20,8 @@ from datasets.coco import DatasetError
 from datasets.coco_eval import coco_evaluate, rows_to_json, save_json
 from datasets.loader import LoaderError, build_dataset, build_loader
 from engine import evaluate
-from inference import CompileError, add_speed_args, ready_for_inference
+from inference import CompileError, add_speed_args, amp_mode, ready_for_inference
+from models.forms import FormError
 from models.transfer import load_model
 from utils.checkpoint import CheckpointError
 from utils.cli import add_config_args, cli_config
@@ -40,7 +41,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--per-class", action="store_true", help="print AP50 per class")
     parser.add_argument("--out", type=Path, help="folder for the result files (default: next to --weights)")
     parser.add_argument("--no-fuse", action="store_true", help="keep BatchNorm separate (default: fused)")
-    parser.add_argument("--amp", action="store_true", help="fp16 autocast on CUDA")
     add_speed_args(parser)
     return parser
 
@@ -70,18 +70,23 @@ def main(argv: list[str] | None = None) -> None:
         model.fuse()
     loader = build_loader(cfg, dataset, train=False, batch_size=cfg.eval.batch_size, device=device)
     try:
-        model = ready_for_inference(model, device, cfg.data.img_size, args.compile, not args.no_pack)
+        model, form = ready_for_inference(model, device, cfg.data.img_size, amp_mode(args.amp, cfg.eval.amp, device),
+                                          args.pack, args.compile)
     except CompileError as e:
         raise SystemExit(f"error: --compile: {e}") from e
+    except FormError as e:
+        raise SystemExit(f"error: {e}") from e
+    print(f"inference form: {form}")
     try:
-        result = evaluate(model, loader, cfg.eval, device, amp=args.amp)
+        result = evaluate(model, loader, cfg.eval, device, form.dtype)
     except LoaderError as e:
         raise SystemExit(f"error: {e}") from e
 
     print(result.table)
     seconds = " ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
     print(f"{args.weights} | {cfg.model.arch}/{cfg.model.encoder} @ {cfg.data.img_size} | {len(dataset)} images | "
-          f"conf {cfg.eval.conf_threshold} | AP {result.stats['AP']:.4f} AP50 {result.stats['AP50']:.4f} | {seconds}")
+          f"conf {cfg.eval.conf_threshold} | AP {result.stats['AP']:.4f} AP50 {result.stats['AP50']:.4f} | {seconds} | "
+          f"{form.name}")
     by_threshold = {}
     if args.conf and len(args.conf) > 1:
         print(f"\n{'conf':>8} {'detections':>11} {'AP':>7} {'AP50':>7}")
@@ -100,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     stem = f"{args.weights.stem}_val{cfg.data.img_size}"
     metrics = {"weights": str(args.weights), "images": len(dataset), "stats": result.stats,
                "per_class_ap50": {k: None if np.isnan(v) else v for k, v in result.per_class_ap50.items()},
-               "by_conf": by_threshold, "seconds": result.seconds, "config": config_to_dict(cfg)}
+               "by_conf": by_threshold, "seconds": result.seconds, "form": str(form), "config": config_to_dict(cfg)}
     save_json(metrics, out / f"{stem}.json")
     print(f"wrote {out / f'{stem}.json'}")
     if args.save_json:

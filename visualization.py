@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--images {args.images}: must be at least 1")
     if args.gt and args.source:
         parser.error("--gt draws the dataset's annotations, so it works without --source only")
-    model, cfg, device = inference_setup(args)
+    model, cfg, device, form = inference_setup(args)
     skipped: list[str] = []
     if args.source:
         try:
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
     detections = []
     for start in range(0, len(images), cfg.eval.batch_size):
         batch = images[start:start + cfg.eval.batch_size]
-        d = detect(model, batch, cfg.data.img_size, cfg.eval, cfg.detect.conf_threshold, device).numpy()
+        d = detect(model, batch, cfg.data.img_size, cfg.eval, cfg.detect.conf_threshold, device, form.dtype).numpy()
         d[:, 0] += start  # index among all images
         detections.append(d)
     detections = np.concatenate(detections)

@@ -1,7 +1,8 @@
 """Shared by the bench/ scripts: timing with warm-up, median and spread, the machine line, the convolution ceiling.
 
 Every speed figure of the suite is also given as a ratio to the machine's own throughput on one 3x3 convolution,
-256 -> 512 channels at 52x52 (YOLOv3's most common layer shape at 416), measured just before each timed call.
+256 -> 512 channels at 52x52 (YOLOv3's most common layer shape at 416), measured just before each timed call: in
+fp32, and where bf16 is native (a CPU with AVX512-BF16 / AMX, a GPU with bf16) also under bf16 autocast.
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import functools
 import json
 import os
 import platform
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -16,6 +18,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from utils.hardware import cpu_features, cpu_has_native_bf16, isa_class
 
 CEILING_SHAPE = (256, 512, 52)  # in channels, out channels, side: 2 * 256 * 512 * 9 * 52 * 52 = 3.19 GFLOP per image
 MALLOC_PINS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
@@ -58,21 +62,12 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def cpu_features() -> list[str]:
-    """The vector ISA extensions that decide CPU conv speed (avx2, avx512f, avx512_bf16, amx_*), as /proc/cpuinfo
-    lists them; empty where it cannot be read."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if not cpuinfo.exists():
-        return []
-    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.read_text().splitlines()
-                  if line.startswith("flags")), [])
-    return sorted(f for f in flags if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"))
-
-
 def machine(device: torch.device) -> str:
-    """One line naming what the figures were measured on: CPU or GPU, cores, ISA, torch, threads, malloc pins."""
+    """One line naming what the figures were measured on: CPU or GPU, cores, ISA class and flags, native bf16,
+    torch, threads, malloc pins."""
     pinned = all(os.environ.get(name) for name in MALLOC_PINS)
-    line = (f"{cpu_model()}, {os.cpu_count()} cores ({', '.join(cpu_features()) or 'no AVX2'}), torch "
+    line = (f"{cpu_model()}, {os.cpu_count()} cores, {isa_class()} ({', '.join(cpu_features()) or 'no AVX2'}; "
+            f"native bf16: {'yes' if cpu_has_native_bf16() else 'no'}), torch "
             f"{torch.__version__}, {torch.get_num_threads()} threads, glibc malloc "
             f"{'pinned (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_)' if pinned else 'NOT pinned'}")
     if device.type == "cuda":
@@ -80,20 +75,31 @@ def machine(device: torch.device) -> str:
     return line
 
 
-def bf16_supported() -> bool:
-    """True when this CPU has native bf16 arithmetic (avx512_bf16 or AMX); without it bf16 is emulated and slow."""
-    return any(f in cpu_features() for f in ("avx512_bf16", "amx_bf16"))
+def machine_kind(device: torch.device) -> str:
+    """The stable name of this kind of machine, the heading of its section in BENCHMARKS.md: the CPU's model
+    (trademarks and clock left out), cores and ISA class ('AMD EPYC, 2 cores, AVX-512 + AVX512-BF16 (no AMX)'), or
+    the GPU's name."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = re.sub(r"\((R|TM)\)|\bCPU\b|\bProcessor\b|@.*$", "", cpu_model(), flags=re.IGNORECASE)
+    return f"{' '.join(model.split())}, {os.cpu_count()} cores, {isa_class()}"
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """True where bf16 runs natively: a CPU with avx512_bf16 or AMX (without them it is emulated and slower than
+    fp32), a GPU with bf16."""
+    return torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_native_bf16()
 
 
 class CeilingProbe:
-    """The machine's conv ceiling (GFLOP/s of one 3x3 conv, 256 -> 512 at 52x52, batch 1, fp32, in the faster of
-    NCHW and NHWC, decided once), measured again on demand, just before each timed call of a bench: ratios of
-    paired measurements survive the machine's speed drifting during a run (a shared cloud CPU drifts by 30% or more
-    over minutes, which a ceiling measured once at the start turns into false ratios)."""
+    """The machine's conv ceiling (GFLOP/s of one 3x3 conv, 256 -> 512 at 52x52, batch 1, fp32 or under `dtype`
+    autocast, in the faster of NCHW and NHWC, decided once), measured again on demand, just before each timed call
+    of a bench: ratios of paired measurements survive the machine's speed drifting during a run (a shared cloud CPU
+    drifts by 30% or more over minutes, which a ceiling measured once at the start turns into false ratios)."""
 
-    def __init__(self, device: torch.device, runs: int = 3) -> None:
+    def __init__(self, device: torch.device, runs: int = 3, dtype: torch.dtype | None = None) -> None:
         cin, cout, side = CEILING_SHAPE
-        self.gflop, self.runs, self.device = 2 * cin * cout * 9 * side * side / 1e9, runs, device
+        self.gflop, self.runs, self.device, self.dtype = 2 * cin * cout * 9 * side * side / 1e9, runs, device, dtype
         candidates = []
         for fmt in (torch.contiguous_format, torch.channels_last):
             self.conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False).to(device).to(memory_format=fmt)
@@ -104,13 +110,29 @@ class CeilingProbe:
     @torch.inference_mode()
     def __call__(self) -> float:
         """GFLOP/s of the ceiling conv now (median of `runs` calls)."""
-        return self.gflop / statistics.median(time_runs(functools.partial(self.conv, self.x), self.runs, warmup=1,
-                                                        device=self.device))
+        with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            return self.gflop / statistics.median(time_runs(functools.partial(self.conv, self.x), self.runs,
+                                                            warmup=1, device=self.device))
 
 
-def time_paired(fn: Callable[[], object], repeats: int, probe: CeilingProbe, warmup: int = 1,
-                device: torch.device | None = None) -> tuple[list[float], list[float]]:
-    """time_runs(fn), and the ceiling (GFLOP/s) that `probe` measures just before each timed call."""
+class Ceilings:
+    """The fp32 ceiling and, where bf16 is native (`bf16_supported`), the bf16 one, measured together on demand:
+    a call returns {"fp32": GFLOP/s, "bf16": GFLOP/s}."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.probes = {"fp32": CeilingProbe(device)}
+        if bf16_supported(device):
+            self.probes["bf16"] = CeilingProbe(device, dtype=torch.bfloat16)
+
+    def __call__(self) -> dict[str, float]:
+        """Each ceiling now, GFLOP/s."""
+        return {name: probe() for name, probe in self.probes.items()}
+
+
+def time_paired(fn: Callable[[], object], repeats: int, probe: Callable[[], object], warmup: int = 1,
+                device: torch.device | None = None) -> tuple[list[float], list]:
+    """time_runs(fn), and the ceiling(s) that `probe` (a CeilingProbe or Ceilings) measures just before each timed
+    call."""
     seconds, ceilings = [], []
     for i in range(repeats):
         ceilings.append(probe())

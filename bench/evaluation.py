@@ -28,6 +28,7 @@ from datasets.loader import build_dataset, build_loader  # noqa: E402
 from engine import evaluate  # noqa: E402
 from inference import ready_for_inference  # noqa: E402
 from models import build_model  # noqa: E402
+from models.forms import OPTIONS, Form  # noqa: E402
 from models.yolo import HeadOutput  # noqa: E402
 from utils.config import load_config  # noqa: E402
 
@@ -39,27 +40,35 @@ def run(root: str, size: int, arch: str, batch: int) -> tuple[list[str], dict[st
     dataset = build_dataset(cfg, "val")
     loader = build_loader(cfg, dataset, train=False, batch_size=batch)
 
-    def validation_model(worst: bool) -> torch.nn.Module:
-        """The seeded model as validation.py runs it (fused, channels_last, packed on a CPU); with `worst`, every
-        score above the threshold (head biases set before packing, which copies the weights)."""
+    chosen: list[Form] = []
+
+    def validation_model(worst: bool) -> tuple[torch.nn.Module, Form]:
+        """The seeded model as validation.py runs it (fused, then in the form its probe picks: the first call's
+        pick for every call) and that form; with `worst`, every score above the threshold (head biases set before
+        packing, which copies the weights)."""
         torch.manual_seed(0)
         model = build_model(cfg.model.arch, num_classes=len(dataset.class_names)).fuse()
         if worst:
             with torch.no_grad():
                 for head in (m for m in model.modules() if isinstance(m, HeadOutput)):
                     head.bias.view(head.num_anchors, -1)[:, 4:] = 5.0  # sigmoid(5) = 0.993: everything passes
-        return ready_for_inference(model, torch.device("cpu"), size)
+        amp, pack = OPTIONS[chosen[0].name] if chosen else ("auto", None)
+        model, form = ready_for_inference(model, torch.device("cpu"), size, amp, pack)
+        chosen.append(form)
+        return model, form
 
+    model, form = validation_model(False)
+    evaluate(model, loader, cfg.eval, torch.device("cpu"), form.dtype, progress=False)  # warm-up
     lines = [f"Machine: {machine(torch.device('cpu'))}", "",
              f"{len(dataset)} val images of {root}, {arch} at {size}, batch {batch}, 1 loader worker, conf "
-             f"{cfg.eval.conf_threshold}, max_candidates {cfg.eval.max_candidates}", "",
+             f"{cfg.eval.conf_threshold}, max_candidates {cfg.eval.max_candidates}; the model in the form "
+             f"validation.py picks: {form}", "",
              "| scores | detections | data s | model s | post-processing s | COCOeval s | post / model |",
              "|---|---|---|---|---|---|---|"]
-    evaluate(validation_model(False), loader, cfg.eval, torch.device("cpu"), progress=False)  # warm-up
     figures: dict[str, float] = {}
     for name in ("priors", "worst case"):
-        model = validation_model(worst=name == "worst case")
-        result = evaluate(model, loader, cfg.eval, torch.device("cpu"), progress=False)
+        model, form = validation_model(worst=name == "worst case")
+        result = evaluate(model, loader, cfg.eval, torch.device("cpu"), form.dtype, progress=False)
         s = result.seconds
         lines.append(f"| {name} | {len(result.rows)} | {s['data']:.2f} | {s['model']:.2f} | "
                      f"{s['postprocess']:.2f} | {s['cocoeval']:.2f} | {s['postprocess'] / s['model']:.3f} |")

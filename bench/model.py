@@ -3,12 +3,15 @@
     MALLOC_MMAP_THRESHOLD_=1000000000 MALLOC_TRIM_THRESHOLD_=1000000000 \\
         .venv/bin/python bench/model.py [--device cpu|cuda] [--size 416] [--repeats 5] [--quick]
 
-- forward: YOLOv3 at batch 1 and 8 in the FORMS below (eval mode as trained; BN fused + inference_mode;
-  + channels_last; + bf16 autocast on CPUs with native bf16; + fp16 autocast on CUDA; + conv weights packed for
-  oneDNN on CPUs, the tools' default there), then YOLOv3-tiny and the MobileNetV3 variants in the tools' form.
-  FLOPs are counted by torch.utils.flop_counter (2 per multiply-add), achieved GFLOP/s is divided by the conv ceiling.
+- forward: YOLOv3 at batch 1 and 8 in the FORMS below (eval mode as trained; BN fused + inference_mode, NCHW;
+  + channels_last; + bf16 autocast where bf16 is native; + fp16 autocast on CUDA; + conv weights packed for
+  oneDNN on CPUs), then the form the tools pick on this machine (models/forms.py's probe, as validation.py,
+  detect.py and visualization.py run it) for YOLOv3, YOLOv3-tiny and the MobileNetV3 variants.
+  FLOPs are counted by torch.utils.flop_counter (2 per multiply-add); achieved GFLOP/s is divided by the fp32 conv
+  ceiling and, where bf16 is native, by the bf16 one (the same conv under bf16 autocast).
 - train step: forward + loss + backward + optimiser (engine.train_step), YOLOv3 at 416, batch 8 (64 with AMP
-  on CUDA), its ratio counting 3x the forward FLOPs per image.
+  on CUDA), its ratio counting 3x the forward FLOPs per image; on a CPU with native bf16 also fp32 vs bf16
+  autocast (train.amp) in alternating rounds, for YOLOv3 and for the demo's step (YOLOv3-tiny, 160 px, batch 16).
 - loss: target building + YOLOv3 loss forward, batch 8, 50 boxes per image, random raw maps.
 - post-processing: decode is in the forward; threshold 0.001 + batched NMS + max_det 100 for a batch of 8, with a
   trained-like score distribution and with the untrained worst case (every score above 0.001).
@@ -28,7 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (  # noqa: E402
-    CeilingProbe,
+    Ceilings,
     bf16_supported,
     emit,
     machine,
@@ -38,8 +41,9 @@ from bench.common import (  # noqa: E402
     time_runs,
 )
 from engine import train_step  # noqa: E402
-from inference import compile_for_inference, ready_for_inference  # noqa: E402
+from inference import compile_for_inference  # noqa: E402
 from models import build_model  # noqa: E402
+from models.forms import choose_form, prepare  # noqa: E402
 from models.loss import build_loss  # noqa: E402
 from models.packed import packing_available  # noqa: E402
 from models.postprocess import postprocess  # noqa: E402
@@ -48,6 +52,8 @@ from utils.config import EvalConfig, LossConfig  # noqa: E402
 
 FORMS = ("eval mode (as trained)", "BN fused, inference_mode", "fused + channels_last", "fused + channels_last + bf16",
          "fused + channels_last + fp16", "fused + channels_last + packed weights")
+TOOL_FORMS = {"fp32": FORMS[2], "bf16": FORMS[3], "fp16": FORMS[4], "packed": FORMS[5]}  # models/forms.py -> FORMS
+DEMO_STEP = ("yolov3-tiny", 160, 16, 6)  # make demo's training step: arch, size, batch, classes
 
 
 def forward_gflops(model: YOLO, size: int) -> float:
@@ -61,25 +67,28 @@ def forward_gflops(model: YOLO, size: int) -> float:
 def prepared(arch: str, encoder: str, form: str, device: torch.device, size: int = 416, num_classes: int = 80
              ) -> YOLO:
     """A seeded model of `arch`/`encoder` in one of FORMS (eval mode; fused, channels_last and packed for
-    (1, 3, size, size) inputs as the form says, by inference.ready_for_inference as the tools do)."""
+    (1, 3, size, size) inputs as the form says, by models/forms.py prepare as the tools do)."""
     torch.manual_seed(0)
     model = build_model(arch, encoder, num_classes).to(device).eval()
     if form != FORMS[0]:
         model.fuse()
     if "channels_last" in form:
-        model = ready_for_inference(model, device, size, pack="packed" in form)
+        model = prepare(model, "packed" if "packed" in form else "fp32", device, size)
     return model
 
 
-def fastest_form(device: torch.device) -> str:
-    """The fp32 form the tools run by default on `device`: packed weights on a CPU, plain channels_last on CUDA."""
-    return FORMS[5] if device.type == "cpu" and packing_available() else FORMS[2]
+def tools_form(arch: str, encoder: str, device: torch.device, size: int) -> tuple[YOLO, str, str]:
+    """The seeded fused model in the form validation.py / detect.py pick for it on this machine (models/forms.py
+    choose_form, its probe included), that form as one of FORMS, and the probe's line."""
+    torch.manual_seed(0)
+    model, form = choose_form(build_model(arch, encoder, 80).fuse(), device, size)
+    return model, TOOL_FORMS[form.name], str(form)
 
 
 def forward_seconds(model: YOLO, size: int, batch: int, form: str, device: torch.device, repeats: int,
-                    probe: CeilingProbe) -> tuple[list[float], list[float]]:
+                    probe: Ceilings) -> tuple[list[float], list[dict[str, float]]]:
     """Seconds per image of model(x) for a (batch, 3, size, size) input, in `form`, one figure per repeat, and the
-    ceiling measured just before each."""
+    ceilings measured just before each."""
     x = torch.rand(batch, 3, size, size, device=device)
     if "channels_last" in form:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -99,18 +108,44 @@ def forward_fn(model: torch.nn.Module, x: torch.Tensor, form: str, device: torch
     return run
 
 
-def train_step_fn(size: int, batch: int, device: torch.device, amp: bool) -> Callable[[], object]:
-    """One optimiser step of YOLOv3 (train mode, channels_last as main.py trains, Adam, batch `batch`, 20 boxes per
-    image, fp16 autocast with `amp`) as a function of no arguments."""
+def train_step_fn(size: int, batch: int, device: torch.device, dtype: torch.dtype | None, arch: str = "yolov3",
+                  num_classes: int = 80) -> Callable[[], object]:
+    """One optimiser step of `arch` (train mode, channels_last as main.py trains, Adam, batch `batch`, 20 boxes per
+    image, autocast of `dtype` (None: fp32), fp16's GradScaler) as a function of no arguments."""
     torch.manual_seed(0)
-    model = build_model("yolov3", "darknet53", 80).to(device, memory_format=torch.channels_last).train()
+    model = build_model(arch, "darknet53", num_classes).to(device, memory_format=torch.channels_last).train()
     loss_fn = build_loss(model, LossConfig())
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     images = torch.rand(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
-    targets = random_targets(batch, 20, size, 80, device)
-    dtype = torch.float16 if amp else None
+    targets = random_targets(batch, 20, size, num_classes, device)
     return lambda: train_step(model, loss_fn, [(images, targets)], optimizer, scaler, dtype, 10.0)
+
+
+def train_precision_rows(size: int, device: torch.device, repeats: int) -> tuple[list[str], dict[str, float]]:
+    """Table rows: the training step in fp32 and under bf16 autocast (train.amp bf16) in alternating rounds (one
+    warm-up round), YOLOv3 at `size` batch 8 and the demo's step; the bf16 speed-up paired per round."""
+    rows, figures = [], {}
+    arch, demo_size, demo_batch, demo_classes = DEMO_STEP
+    for name, key, args in (
+            (f"yolov3 at {size}, batch 8", "train_bf16_speedup", (size, 8, "yolov3", 80)),
+            (f"make demo's step: {arch} at {demo_size}, batch {demo_batch}", "demo_step_bf16_speedup",
+             (demo_size, demo_batch, arch, demo_classes))):
+        step_size, batch, step_arch, classes = args
+        fns = {dtype: train_step_fn(step_size, batch, device, dtype, step_arch, classes)
+               for dtype in (None, torch.bfloat16)}
+        for fn in fns.values():
+            fn()  # the warm-up round
+        seconds: dict[torch.dtype | None, list[float]] = {None: [], torch.bfloat16: []}
+        for _ in range(max(2, repeats // 2)):
+            for dtype, fn in fns.items():
+                seconds[dtype] += time_runs(fn, 1, warmup=0, device=device)
+        fp32, bf16 = seconds[None], seconds[torch.bfloat16]
+        gain = statistics.median(a / b for a, b in zip(fp32, bf16, strict=True))
+        figures[key] = gain
+        rows.append(f"| {name} | {spread([batch / s for s in fp32])} | {spread([batch / s for s in bf16])} | "
+                    f"**{gain:.2f}x** |")
+    return rows, figures
 
 
 def cudnn_benchmark_rows(size: int, device: torch.device, repeats: int) -> list[str]:
@@ -119,7 +154,7 @@ def cudnn_benchmark_rows(size: int, device: torch.device, repeats: int) -> list[
     x = torch.rand(32, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
     forward = forward_fn(prepared("yolov3", "darknet53", FORMS[4], device, size), x, FORMS[4], device)
     rows = []
-    for name, fn in (("training step, AMP fp16, batch 64", train_step_fn(size, 64, device, amp=True)),
+    for name, fn in (("training step, AMP fp16, batch 64", train_step_fn(size, 64, device, torch.float16)),
                      ("forward, fused + channels_last + fp16, batch 32", forward)):
         seconds: dict[bool, list[float]] = {False: [], True: []}
         for flag in (False, True, False, True, *([False, True] * repeats)):  # the first two rounds: warm-up
@@ -187,7 +222,7 @@ def postprocess_seconds(pred: torch.Tensor, eval_cfg: EvalConfig, device: torch.
     return seconds, candidates
 
 
-def compiled_rows(size: int, batches: tuple[int, ...], device: torch.device, repeats: int, probe: CeilingProbe,
+def compiled_rows(size: int, batches: tuple[int, ...], device: torch.device, repeats: int, probe: Ceilings,
                   gflops: float) -> list[str]:
     """Table rows of the fused channels_last YOLOv3 under torch.compile with frozen weights, as validation.py
     --compile runs it, one compilation per batch size; an opt-in form, so no goal counts it."""
@@ -205,49 +240,70 @@ def compiled_rows(size: int, batches: tuple[int, ...], device: torch.device, rep
     return rows
 
 
-def forward_row(model: str, form: str, batch: int, gflops: float, seconds: list[float], ceilings: list[float],
-                headline: bool = False) -> tuple[str, float]:
-    """The forward table's row for per-image `seconds` paired with `ceilings`, and its ratio to the ceiling (in
-    bold where it is a `headline` figure that a goal counts)."""
-    rate, ratio = gflops / statistics.median(seconds), paired_ratio(gflops, seconds, ceilings)
-    shown = f"**{ratio:.2f}**" if headline else f"{ratio:.2f}"
+def forward_row(model: str, form: str, batch: int, gflops: float, seconds: list[float],
+                ceilings: list[dict[str, float]], headline: bool = False) -> tuple[str, float]:
+    """The forward table's row for per-image `seconds` paired with `ceilings`, and its ratio to the ceiling of its
+    own precision (bf16 for the autocast forms where a bf16 ceiling was measured, else fp32), in bold where it is a
+    `headline` figure that a goal counts."""
+    rate = gflops / statistics.median(seconds)
+    ratios = {name: paired_ratio(gflops, seconds, [c[name] for c in ceilings]) for name in ceilings[0]}
+    own = "bf16" if ("bf16" in form or "fp16" in form) and "bf16" in ratios else "fp32"
+    shown = {name: f"**{r:.2f}**" if headline and name == own else f"{r:.2f}" for name, r in ratios.items()}
     return (f"| {model} ({gflops:.2f} GFLOPs) | {form} | {batch} | {spread([1000 * s for s in seconds])} | "
-            f"{rate:.1f} | {shown} | {drift(ceilings)} |"), ratio
+            f"{rate:.1f} | {shown['fp32']} | {shown.get('bf16', '-')} | {drift(ceilings)} |"), ratios[own]
 
 
-def drift(ceilings: list[float]) -> str:
-    """The range of the ceilings measured during one figure's timed calls, GFLOP/s."""
-    return f"{min(ceilings):.0f}-{max(ceilings):.0f}"
+def drift(ceilings: list[dict[str, float]]) -> str:
+    """The range of each ceiling measured during one figure's timed calls, GFLOP/s."""
+    return ", ".join(f"{name} {min(c[name] for c in ceilings):.0f}-{max(c[name] for c in ceilings):.0f}"
+                     for name in ceilings[0])
+
+
+def not_run(form: str, device: torch.device) -> str | None:
+    """Why a YOLOv3 form is not timed on `device`, or None when it is."""
+    if "fp16" in form and device.type == "cpu":
+        return "fp16 autocast is the CUDA inference path (validation.py --amp on CUDA)"
+    if "packed" in form and (device.type != "cpu" or not packing_available()):
+        return "packing is the CPU path (oneDNN), and needs torch.ops.mkldnn"
+    if "bf16" in form and not bf16_supported(device):
+        return "no native bf16 here (no avx512_bf16 / AMX); bf16 would be emulated, slower than fp32"
+    return None
+
+
+def ceiling_lines(probe: Ceilings, repeats: int) -> tuple[list[str], dict[str, float]]:
+    """The ceilings at the start, as markdown, and their medians (ceiling_gflops, ceiling_bf16_gflops)."""
+    measured = [probe() for _ in range(max(repeats, 5))]
+    by_name = {name: [m[name] for m in measured] for name in measured[0]}
+    figures = {"ceiling_gflops": statistics.median(by_name["fp32"])}
+    text = f"Conv ceiling (3x3, 256 -> 512 at 52x52, fp32): **{spread(by_name['fp32'], '.1f')} GFLOP/s**"
+    if "bf16" in by_name:
+        figures["ceiling_bf16_gflops"] = statistics.median(by_name["bf16"])
+        gain = statistics.median(b / f for b, f in zip(by_name["bf16"], by_name["fp32"], strict=True))
+        text += (f"; the same conv under bf16 autocast: **{spread(by_name['bf16'], '.1f')} GFLOP/s** "
+                 f"(**{gain:.2f}x** fp32, paired)")
+    else:
+        text += "; no bf16 ceiling: bf16 is not native here"
+    return [text + " at the start. Every `/ ceiling` below is paired: the ceilings are measured again just before "
+            "each timed call, and the figure is the median of the per-call ratios, so a machine whose speed drifts "
+            "during the run (shared cloud CPUs) still gives true ratios; `drift` is the range of those ceilings.",
+            ""], figures
 
 
 def run(device: torch.device, size: int, repeats: int, quick: bool, compile_forward: bool = False
         ) -> tuple[list[str], dict[str, float]]:
     """All the measurements of this script, as markdown lines and a dict of the headline figures."""
     lines = [f"Machine: {machine(device)}", ""]
-    probe = CeilingProbe(device)
-    ceiling = [probe() for _ in range(max(repeats, 5))]
-    figures = {"ceiling_gflops": statistics.median(ceiling)}
-    lines += [f"Conv ceiling (3x3, 256 -> 512 at 52x52, fp32): **{spread(ceiling, '.1f')} GFLOP/s** at the start. "
-              "Every `/ ceiling` below is paired: the ceiling is measured again just before each timed call, and the "
-              "figure is the median of the per-call ratios, so a machine whose speed drifts during the run (shared "
-              "cloud CPUs) still gives true ratios; `drift` is the range of those ceilings.", ""]
-
-    lines += [f"### Forward, fp32 unless named, {size}x{size}", "",
-              "| model | form | batch | ms / image | GFLOP/s | / ceiling | drift |", "|---|---|---|---|---|---|---|"]
+    probe = Ceilings(device)
+    text, figures = ceiling_lines(probe, repeats)
+    lines += text
+    lines += [f"#### Forward, fp32 unless named, {size}x{size}", "",
+              "| model | form | batch | ms / image | GFLOP/s | / fp32 ceiling | / bf16 ceiling | drift |",
+              "|---|---|---|---|---|---|---|---|"]
     batches = (1, 32) if device.type == "cuda" else (1, 8)
     gflops = forward_gflops(prepared("yolov3", "darknet53", FORMS[1], device), size)
     for form in FORMS:
-        if "fp16" in form and device.type == "cpu":
-            lines.append(f"| yolov3 | {form} | - | not run: fp16 autocast is the CUDA inference path "
-                         "(validation.py --amp) | | |")
-            continue
-        if "packed" in form and (device.type != "cpu" or not packing_available()):
-            lines.append(f"| yolov3 | {form} | - | not run: packing is the CPU path (oneDNN), and needs "
-                         "torch.ops.mkldnn | | |")
-            continue
-        if "bf16" in form and device.type == "cpu" and not bf16_supported():
-            lines.append(f"| yolov3 | {form} | - | not run: this CPU has no native bf16 (no avx512_bf16 / AMX); "
-                         "bf16 would be emulated, slower than fp32 | | |")
+        if reason := not_run(form, device):
+            lines.append(f"| yolov3 | {form} | - | not run: {reason} | | | | |")
             continue
         model = prepared("yolov3", "darknet53", form, device, size)
         for batch in batches if not quick else batches[:1]:
@@ -260,41 +316,54 @@ def run(device: torch.device, size: int, repeats: int, quick: bool, compile_forw
                                                       1000 * statistics.median(seconds))
     if compile_forward:
         lines += compiled_rows(size, batches if not quick else batches[:1], device, repeats, probe, gflops)
-    tools_form = fastest_form(device)
-    for arch, encoder in (("yolov3-tiny", "darknet53"), ("yolov3", "mobilenet_v3_large"),
+    chosen = []
+    for arch, encoder in (("yolov3", "darknet53"), ("yolov3-tiny", "darknet53"), ("yolov3", "mobilenet_v3_large"),
                           ("yolov3", "mobilenet_v3_small")):
-        small_gflops = forward_gflops(prepared(arch, encoder, FORMS[1], device), size)  # packed convs count none
-        model = prepared(arch, encoder, tools_form, device, size)
+        model_gflops = forward_gflops(prepared(arch, encoder, FORMS[1], device), size)  # packed convs count none
+        model, form, line = tools_form(arch, encoder, device, size)
+        chosen.append(f"- {arch} {encoder}: {line}")
         for batch in batches:
-            seconds, ceilings = forward_seconds(model, size, batch, tools_form, device, repeats, probe)
-            lines.append(forward_row(f"{arch} {encoder}", tools_form, batch, small_gflops, seconds, ceilings)[0])
+            seconds, ceilings = forward_seconds(model, size, batch, form, device, repeats, probe)
+            lines.append(forward_row(f"{arch} {encoder}", f"{form} (the tools' pick)", batch, model_gflops, seconds,
+                                     ceilings)[0])
+    figures["tools_form"] = chosen[0]
+    lines += ["", f"The form the tools pick (models/forms.py: a probe of (1, 3, {size}, {size}) forwards, alternating "
+              "rounds, as validation.py / detect.py / visualization.py run it by default):", "", *chosen]
 
     amp = device.type == "cuda"
     batch = 64 if amp else 8
-    steps, ceilings = time_paired(train_step_fn(size, batch, device, amp), max(2, repeats // 2), probe,
-                                  device=device)
+    steps, ceilings = time_paired(train_step_fn(size, batch, device, torch.float16 if amp else None),
+                                  max(2, repeats // 2), probe, device=device)
     images_per_s = [batch / s for s in steps]
-    rate, ratio = 3 * gflops * statistics.median(images_per_s), paired_ratio(3 * gflops * batch, steps, ceilings)
+    rate = 3 * gflops * statistics.median(images_per_s)
+    ratio = paired_ratio(3 * gflops * batch, steps, [c["fp32"] for c in ceilings])
     figures.update(train_images_per_s=statistics.median(images_per_s), train_ratio=ratio)
-    lines += ["", f"### Training step, YOLOv3 at {size}, batch {batch}, {'AMP fp16' if amp else 'fp32'}, Adam", "",
+    lines += ["", f"#### Training step, YOLOv3 at {size}, batch {batch}, {'AMP fp16' if amp else 'fp32'}, Adam", "",
               f"**{spread(images_per_s)} images/s** ({spread(steps)} s per step); {rate:.1f} GFLOP/s counting 3x "
-              f"the forward FLOPs = **{ratio:.2f} of the ceiling** (paired; drift {drift(ceilings)})", ""]
+              f"the forward FLOPs = **{ratio:.2f} of the fp32 ceiling** (paired; drift {drift(ceilings)})", ""]
+    if device.type == "cpu" and bf16_supported(device):
+        rows, found = train_precision_rows(size, device, repeats)
+        figures.update(found)
+        lines += ["#### Training step, fp32 vs bf16 autocast (train.amp), alternating rounds", "",
+                  "| step | fp32: images/s | bf16: images/s | bf16 speed-up, paired |", "|---|---|---|---|", *rows, ""]
+    elif device.type == "cpu":
+        lines += ["Training in bf16: not run, no native bf16 here (train.amp auto runs fp32 on this CPU).", ""]
 
     if device.type == "cuda":
-        lines += ["### cudnn.benchmark (CUDA): off vs on, alternating rounds", "",
+        lines += ["#### cudnn.benchmark (CUDA): off vs on, alternating rounds", "",
                   "| what | off: ms | on: ms | off / on |", "|---|---|---|---|", *cudnn_benchmark_rows(size, device,
                                                                                                        repeats), ""]
     loss = loss_seconds(size, 8, 50, device, 5 * repeats)
     figures["loss_ms"] = 1000 * statistics.median(loss)
-    lines += [f"### Loss, YOLOv3 layout at {size}, batch 8, 50 boxes per image", "",
+    lines += [f"#### Loss, YOLOv3 layout at {size}, batch 8, 50 boxes per image", "",
               f"target building + loss forward: **{spread([1000 * s for s in loss])} ms**", ""]
 
     eval_cfg = EvalConfig()
     model = prepared("yolov3", "darknet53", FORMS[2], device)
     forward = statistics.median(forward_seconds(model, size, 8, FORMS[2], device, repeats, probe)[0]) * 8
-    lines += [f"### Post-processing, batch 8 at {size}: conf {eval_cfg.conf_threshold}, NMS IoU {eval_cfg.nms_iou}, "
+    lines += [f"#### Post-processing, batch 8 at {size}: conf {eval_cfg.conf_threshold}, NMS IoU {eval_cfg.nms_iou}, "
               f"max_det {eval_cfg.max_det}, max_candidates {eval_cfg.max_candidates}", "",
-              "| scores | candidates / image | ms per batch | / forward of the batch |", "|---|---|---|---|"]
+              "| scores | candidates / image | ms per batch | / fp32 forward of the batch |", "|---|---|---|---|"]
     for worst in (False, True):
         pred = scored_predictions(model, size, 8, device, worst)
         seconds, candidates = postprocess_seconds(pred, eval_cfg, device, repeats)

@@ -19,7 +19,11 @@ def decode(raw: torch.Tensor, anchors: torch.Tensor, stride: int) -> torch.Tenso
     """Raw head map (B, A, H, W, 5+C) -> (B, A*H*W, 5+C): cx, cy, w, h in input pixels, sigmoid(obj), sigmoid(cls).
 
     cx = (sigmoid(tx) + col) * stride, w = exp(tw) * anchor_w (YOLOv3 paper, section 2.1); `anchors` is (A, 2).
+    Computed in float32 whatever the map's dtype: bf16's 8-bit mantissa would round centres at 256-512 px to 2 px
+    (the conv outputs of bf16 / fp16 autocast are rounded once, ~0.03 px at stride 32).
     """
+    if raw.dtype in (torch.bfloat16, torch.float16):
+        raw = raw.float()
     batch, num_anchors, height, width, channels = raw.shape
     rows = torch.arange(height, device=raw.device, dtype=raw.dtype).view(1, 1, height, 1)
     cols = torch.arange(width, device=raw.device, dtype=raw.dtype).view(1, 1, 1, width)

@@ -25,8 +25,8 @@ def tiny_run_args(shapes: Path, logs: Path, *overrides: str) -> list[str]:
     return ["--config", str(ROOT / "args.yaml"), "--device", "cpu", "--set", f"data.root={shapes}",
             "model.num_classes=6", "model.arch=yolov3-tiny", "data.img_size=64", "data.multiscale=[64,96]",
             "data.multiscale_every=1", "data.workers=0", "train.batch_size=4", "train.subdivisions=2",
-            "train.burn_in=2", "train.amp=fp32", "eval.every=1000", "eval.batch_size=4", "logging.every=1",
-            "logging.images=2", f"logging.dir={logs}", *overrides]
+            "train.burn_in=2", "train.amp=fp32", "eval.amp=fp32", "eval.every=1000", "eval.batch_size=4",
+            "logging.every=1", "logging.images=2", f"logging.dir={logs}", *overrides]
 
 
 def run_main(args: list[str]) -> None:

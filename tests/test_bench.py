@@ -4,7 +4,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import DATA
+
+from bench.common import bf16_supported, machine_kind
+from bench.run import BEGIN, END, NEW_KINDS, write_section
+from models.packed import packing_available
 
 ROOT = DATA.parent.parent
 
@@ -20,11 +25,85 @@ def test_bench_run_reports_every_goal_and_section():
     assert len(goals) == 7, report  # one row per goal of bench/run.py's CPU_GOALS
     for section in ("### Model, training step, loss, post-processing", "### Data pipeline",
                     "### Evaluation time split", "Conv ceiling", "| yolov3-tiny darknet53", "| 2 | ",
-                    "| pycocotools |", "| faster_coco_eval |", "glibc malloc pinned"):
+                    "| pycocotools |", "| faster_coco_eval |", "glibc malloc pinned", "The tools' inference form",
+                    "(the tools' pick) |", "| / fp32 ceiling | / bf16 ceiling |", "native bf16: "):
         assert section in report, section
+    assert report.startswith(f"## {machine_kind(torch.device('cpu'))}\n")
+    for form in ("| BN fused, inference_mode | 1 |", "| fused + channels_last | 1 |"):  # fp32 NCHW, NHWC
+        assert form in report, form
+    assert ("| fused + channels_last + packed weights | 1 |" in report) is packing_available()
+    if bf16_supported(torch.device("cpu")):
+        assert "| fused + channels_last + bf16 | 1 |" in report and "the same conv under bf16 autocast: **" in report
+        assert "| make demo's step: yolov3-tiny at 160, batch 16 |" in report
+    else:
+        assert "| fused + channels_last + bf16 | - | not run: no native bf16 here" in report
 
 
 def test_bench_run_names_a_missing_data_folder(tmp_path):
     done = subprocess.run([sys.executable, "bench/run.py", "--data", str(tmp_path / "nowhere")], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and f"--data {tmp_path / 'nowhere'}: no such folder" in done.stderr
+
+
+PAGE = f"""# Benchmarks
+
+intro
+
+## CPU A, 2 cores, AVX2 (no AVX-512)
+
+old notes without markers
+| old | table |
+
+## CPU B, 2 cores, AVX-512 + AVX512-BF16 (no AMX)
+
+notes that stay
+
+{BEGIN}
+### Goals, then
+| b | old |
+{END}
+
+more notes that stay
+
+{NEW_KINDS}
+
+## The demo
+
+demo text
+"""
+
+
+def test_write_section_replaces_this_kinds_block_and_keeps_the_rest(tmp_path):
+    page, history = tmp_path / "BENCHMARKS.md", tmp_path / "BENCHMARKS_HISTORY.md"
+    page.write_text(PAGE)
+    history.write_text("# history\n")
+    write_section(page, history, "CPU B, 2 cores, AVX-512 + AVX512-BF16 (no AMX)", "### Goals, now\n| b | new |",
+                  "2026-11-27 10:00")
+    text = page.read_text()
+    assert "| b | new |" in text and "| b | old |" not in text
+    assert "notes that stay" in text and "more notes that stay" in text and "## The demo\n\ndemo text" in text
+    assert "| old | table |" in text  # another kind's section is untouched
+    assert history.read_text() == ("# history\n\n## CPU B, 2 cores, AVX-512 + AVX512-BF16 (no AMX): bench/run.py "
+                                   "figures superseded 2026-11-27 10:00\n\n### Goals, then\n| b | old |\n")
+
+    write_section(page, history, "CPU A, 2 cores, AVX2 (no AVX-512)", "| a | new |", "2026-11-27 11:00")
+    text = page.read_text()
+    assert f"## CPU A, 2 cores, AVX2 (no AVX-512)\n\n{BEGIN}\n| a | new |\n{END}\n\n## CPU B" in text
+    assert "old notes without markers" not in text and "old notes without markers" in history.read_text()
+
+    write_section(page, history, "GPU C", "| c | new |", "2026-11-27 12:00")  # a new kind: above NEW_KINDS
+    text = page.read_text()
+    assert text.index("## GPU C") < text.index(NEW_KINDS) < text.index("## The demo")
+    assert f"## GPU C\n\n{BEGIN}\n| c | new |\n{END}\n" in text
+    assert history.read_text().count("superseded") == 2  # nothing was measured before for GPU C
+
+
+def test_machine_kind_is_model_cores_and_isa_class(monkeypatch):
+    import bench.common as common
+    monkeypatch.setattr(common.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(common, "isa_class", lambda: "AVX-512 + AVX512-BF16 + AMX-BF16")
+    monkeypatch.setattr(common, "cpu_model", lambda: "Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz")
+    assert machine_kind(torch.device("cpu")) == "Intel Xeon Platinum 8481C, 2 cores, AVX-512 + AVX512-BF16 + AMX-BF16"
+    monkeypatch.setattr(common, "cpu_model", lambda: "AMD EPYC")
+    monkeypatch.setattr(common, "isa_class", lambda: "AVX-512 + AVX512-BF16 (no AMX)")
+    assert machine_kind(torch.device("cpu")) == "AMD EPYC, 2 cores, AVX-512 + AVX512-BF16 (no AMX)"

@@ -103,3 +103,28 @@ def test_amp_fp16_training_on_cuda_brings_the_loss_down():
     # steps on an H200 (the GPU demo: 3 skipped steps of 900)
     assert sum(r.skipped for r in results) <= 10, "the fp16 scaler settles its scale within a few steps"
     assert losses[-1] < 0.3 * losses[0], (losses[0], losses[-1])
+
+
+def test_forms_on_cuda_default_to_fp32_and_autocast_matches_it():
+    """models/forms.py on CUDA: eval.amp auto keeps fp32 (no probe), --amp is fp16 autocast, bf16 where asked; the
+    autocast forms compute the fp32 outputs within fp16 / bf16 tolerances (tests/test_forms.py for the CPU)."""
+    from models.forms import FormError, choose_form
+    x = images().to(CUDA)
+    outputs = {}
+    for amp in ("auto", "fp16", "bf16"):
+        model, form = choose_form(seeded().fuse(), CUDA, 96, amp)
+        assert form.name == ("fp32" if amp == "auto" else amp) and not form.probe_ms
+        with torch.inference_mode(), form.autocast(CUDA):
+            outputs[amp] = model(x)
+        assert outputs[amp].dtype == torch.float32  # decoded in fp32
+    for amp in ("fp16", "bf16"):
+        torch.testing.assert_close(outputs[amp][..., 4:], outputs["auto"][..., 4:], rtol=0, atol=2e-2)
+        torch.testing.assert_close(outputs[amp][..., :4], outputs["auto"][..., :4], rtol=2e-2, atol=1.0)
+    with pytest.raises(FormError, match="packing the conv weights is for the CPU"):
+        choose_form(seeded().fuse(), CUDA, 96, "auto", pack=True)
+
+
+def test_train_amp_auto_on_cuda_is_bf16_where_the_gpu_has_it():
+    from engine import autocast_dtype
+    expected = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    assert autocast_dtype("auto", CUDA) == expected and autocast_dtype("fp16", CUDA) == torch.float16

@@ -16,6 +16,7 @@ from pycocotools.coco import COCO
 import detect
 from datasets.coco import DatasetError, class_table
 from datasets.sources import Source, find_sources, glob_root
+from models.packed import packing_available
 from utils.checkpoint import save_checkpoint
 from utils.cli import device_to_gpu
 from utils.config import ConfigError, config_to_dict, load_config
@@ -23,8 +24,9 @@ from utils.config import ConfigError, config_to_dict, load_config
 ROOT = DATA.parent.parent
 VAL = DATA / "coco" / "images" / "val2017"
 ANNOTATIONS = DATA / "coco" / "annotations" / "instances_val2017.json"
+# fp32 (--no-amp): these tests check geometry to 1e-5; the forms are compared in tests/test_forms.py
 ARGS = ["--config", str(ROOT / "args.yaml"), "--set", f"data.root={DATA / 'coco'}", "--img-size", "64",
-        "--device", "cpu"]
+        "--device", "cpu", "--no-amp"]
 
 
 @pytest.fixture(scope="module")
@@ -151,9 +153,9 @@ def test_class_table_and_device_option(tmp_path):
 
 @pytest.mark.slow
 def test_packed_and_compiled_models_give_the_same_detections(tmp_path, weights):
-    """--no-pack, the default (conv weights packed on a CPU) and --compile (where a C++ compiler is at hand) give
-    the same detections."""
-    variants = [("unpacked", ["--no-pack"]), ("packed", [])]
+    """fp32 forms (ARGS has --no-amp): --no-pack, --pack (conv weights packed on a CPU) and --compile (where a C++
+    compiler is at hand) give the same detections."""
+    variants = [("unpacked", ["--no-pack"])] + ([("packed", ["--pack"])] if packing_available() else [])
     if shutil.which(os.environ.get("CXX") or "g++"):
         variants.append(("compiled", ["--compile"]))
     rows = {}

@@ -8,9 +8,8 @@ import pytest
 import torch
 from conftest import DATA
 
-import inference
 import validation
-from models import build_model
+from models import build_model, forms
 from models.packed import pack_conv_weights, packing_available
 from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from utils.config import config_to_dict, load_config
@@ -106,8 +105,8 @@ def test_checkpoint_write_is_atomic(tmp_path):
 
 @pytest.mark.slow
 def test_packed_and_compiled_models_give_the_same_detections(tmp_path, monkeypatch):
-    """The default CPU path packs the conv weights (models/packed.py); --no-pack and --compile (where a C++
-    compiler is at hand) give the same detections."""
+    """fp32 forms: --pack (the conv weights packed, models/packed.py), --no-pack and --compile (where a C++ compiler
+    is at hand) give the same detections (bf16 against fp32: tests/test_forms.py)."""
     weights = tmp_path / "last.pt"
     tiny_checkpoint(weights)
     packed_counts = []
@@ -115,16 +114,18 @@ def test_packed_and_compiled_models_give_the_same_detections(tmp_path, monkeypat
     def counting_pack(*args):
         packed_counts.append(pack_conv_weights(*args))
         return packed_counts[-1]
-    monkeypatch.setattr(inference, "pack_conv_weights", counting_pack)
-    variants = [("unpacked", ["--no-pack"]), ("packed", [])]
+    monkeypatch.setattr(forms, "pack_conv_weights", counting_pack)
+    variants = [("unpacked", ["--no-amp", "--no-pack"])]
+    if packing_available():
+        variants.append(("packed", ["--no-amp", "--pack"]))
     if shutil.which(os.environ.get("CXX") or "g++"):
-        variants.append(("compiled", ["--compile"]))
+        variants.append(("compiled", ["--no-amp", "--compile"]))
     results = {}
     for name, extra in variants:
         validation.main(["--weights", str(weights), *DATA_ARGS, "--img-size", "64", "--subset", "4", "--conf",
                          "0.00005", "--save-json", "--out", str(tmp_path / name), *extra])
         results[name] = json.loads((tmp_path / name / "last_val64_detections.json").read_text())
-    assert packed_counts == ([13] if packing_available() else [])  # yolov3-tiny's 13 convs, by the default only
+    assert packed_counts == ([13] if packing_available() else [])  # yolov3-tiny's 13 convs, by --pack only
     plain = results.pop("unpacked")
     assert len(plain) > 0
     for other in results.values():

@@ -13,7 +13,7 @@ from utils.plots import TRUE_BOX_COLOR, class_color
 ROOT = DATA.parent.parent
 CLS = 2  # COCO's "car"
 ARGS = ["--config", str(ROOT / "args.yaml"), "--set", f"data.root={DATA / 'coco'}", "model.arch=yolov3-tiny",
-        "--img-size", "128", "--device", "cpu"]
+        "--img-size", "128", "--device", "cpu", "--no-amp"]  # fp32: the forms are compared in tests/test_forms.py
 
 
 def write_weights(path):

@@ -213,7 +213,8 @@ class AugmentConfig:
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULERS = ("steps", "cosine", "constant")
-AMP_MODES = ("fp32", "fp16", "bf16")
+AMP_MODES = ("fp32", "fp16", "bf16", "auto")  # train.amp
+EVAL_AMP_MODES = ("auto", "fp32", "bf16", "fp16")  # eval.amp (models/forms.py)
 FREEZE = ("none", "encoder")
 
 
@@ -238,7 +239,8 @@ class TrainConfig:
     cosine_t0: int = 10000  # scheduler cosine: steps of the first cycle (after burn-in)
     cosine_t_mult: int = 2  # each next cycle is this many times longer
     cosine_eta_min: float = 0.00001  # lr at the bottom of each cycle
-    amp: str = "fp16"  # mixed precision: fp16 (+ GradScaler; CUDA only, fp32 on the CPU) | bf16 | fp32 (none)
+    amp: str = "fp16"  # mixed precision: fp16 (+ GradScaler; CUDA only, fp32 on the CPU) | bf16 | fp32 (none) |
+    # auto (bf16 on a CPU with native bf16 and on CUDA GPUs with bf16, fp16 on other GPUs, else fp32)
     clip_grad_norm: float | None = 10.0  # clip the gradient norm (after unscaling); null: no clipping
     ema: bool = True  # keep an exponential moving average of the weights, used for evaluation
     ema_decay: float = 0.9999  # EMA decay, ramped up over the first steps (decay * (1 - exp(-step / 2000)))
@@ -359,6 +361,8 @@ class EvalConfig:
     metric: str = "AP50"  # training: the number that decides best.pt and early stopping (one of COCO_STATS)
     subset: int | None = None  # evaluate the first N validation images only; None: all
     backend: str = "pycocotools"  # or faster_coco_eval (same numbers, faster; pip install faster-coco-eval)
+    amp: str = "auto"  # inference precision: auto (a CPU: the fastest of fp32 / packed / bf16 where native, by a
+    # probe; CUDA: fp32) | fp32 | bf16 (autocast) | fp16 (autocast, CUDA only; fp32 on a CPU)
 
     def check(self, origin: Origin) -> None:
         """Raise ConfigError for values evaluation cannot use."""
@@ -377,6 +381,8 @@ class EvalConfig:
             origin.fail("metric", self.metric, unknown("metric", self.metric, COCO_STATS))
         if self.backend not in EVAL_BACKENDS:
             origin.fail("backend", self.backend, unknown("backend", self.backend, EVAL_BACKENDS))
+        if self.amp not in EVAL_AMP_MODES:
+            origin.fail("amp", self.amp, unknown("amp", self.amp, EVAL_AMP_MODES))
 
 
 @dataclass

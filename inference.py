@@ -50,7 +50,8 @@ def compile_for_inference(model: torch.nn.Module) -> torch.nn.Module:
     Freezing is switched on process-wide (torch._inductor.config.freezing): inductor reads it when it compiles,
     at the first call and at each recompilation, not in torch.compile(); torch.compile(options={"freezing": True})
     was measured no faster than eager (BENCHMARKS_HISTORY.md). The tools that call this compile nothing else.
-    Raises CompileError at once where inductor's C++ compiler is missing (it would fail only at the first call, deep in a traceback)."""
+    Raises CompileError at once where inductor's C++ compiler is missing (it would fail only at the first call,
+    deep in a traceback)."""
     compiler = os.environ.get("CXX") or "g++"  # what inductor runs on a CPU (and Triton's launcher needs a C one)
     if shutil.which(compiler) is None:
         raise CompileError(f"torch.compile needs a C++ compiler: {compiler!r} (the CXX environment variable, else "

@@ -203,6 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
         window.images += sum(len(images) for images, _ in step_batches) * world
         result = train_step(train_model, trainer.loss_fn, step_batches, trainer.optimizer, trainer.scaler,
                             trainer.amp_dtype, cfg.train.clip_grad_norm)
+        window.count(result)
         if diverged := bad_steps.update(state.step + 1, result, trainer.scheduler.get_last_lr()[0]):
             raise SystemExit(f"error: {diverged}")  # no last.pt is written: the one on disk is the last good state
         trainer.scheduler.step()

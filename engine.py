@@ -290,6 +290,7 @@ class StepResult:
     losses: dict[str, float]  # total, xy, wh, obj, cls: per image, averaged over the micro-batches
     grad_norm: float  # before clipping (inf / nan when the step was skipped)
     skipped: bool  # True when the loss or gradients were not finite: nothing changed (weights, BatchNorm statistics)
+    clipped: bool = False  # True when grad_norm exceeded train.clip_grad_norm and the update was scaled down
     size: int = 0  # the input side of the step's batches (set by Trainer.step)
 
 
@@ -362,6 +363,7 @@ def train_step(model: nn.Module, loss_fn: YOLOLoss, micro_batches: list[tuple[to
     max_norm = clip_grad_norm if clip_grad_norm is not None else math.inf
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
     skipped = not math.isfinite(grad_norm) or not math.isfinite(totals["total"])
+    clipped = not skipped and grad_norm > max_norm
     if skipped:  # a NaN forward pass has put NaN into the running statistics that evaluation uses
         saved.restore()
     if skipped and not scaler.is_enabled():
@@ -370,7 +372,7 @@ def train_step(model: nn.Module, loss_fn: YOLOLoss, micro_batches: list[tuple[to
         scaler.step(optimizer)  # the fp16 scaler skips the update itself when it found inf / nan
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(totals, grad_norm, skipped)
+    return StepResult(totals, grad_norm, skipped, clipped)
 
 
 # -- non-finite steps: train_step skips them; this counts them in a row and says when training has diverged -------
@@ -419,14 +421,19 @@ class BadStepCounter:
 
 
 class ProgressWindow:
-    """Images, data-wait time and wall time since the last log line."""
+    """Images, data-wait time, wall time, and optimiser steps taken and clipped since the last log line."""
 
     def __init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
         """Start a new window now."""
-        self.start, self.data, self.images = time.perf_counter(), 0.0, 0
+        self.start, self.data, self.images, self.steps, self.clipped = time.perf_counter(), 0.0, 0, 0, 0
+
+    def count(self, result: StepResult) -> None:
+        """Count one optimiser step into the window (whether its gradient norm was clipped)."""
+        self.steps += 1
+        self.clipped += result.clipped
 
     def log(self, logger: RunLogger, trainer: Trainer, result: StepResult, steps: int, device: torch.device) -> None:
         """One log line and the TensorBoard scalars for the step just taken; the window starts again."""
@@ -437,14 +444,16 @@ class ProgressWindow:
         scalars = {**{f"loss/{k}": v for k, v in result.losses.items()}, "lr": lr,
                    "grad_norm": result.grad_norm, "speed/images_per_s": self.images / seconds,
                    "speed/data_fraction": self.data / seconds, "memory_gb": memory / 2**30,
-                   "skipped_steps": state.skipped_steps, "skipped_images": state.skipped_images}
+                   "skipped_steps": state.skipped_steps, "skipped_images": state.skipped_images,
+                   "clip_fraction": self.clipped / max(self.steps, 1)}
         logger.scalars(scalars, state.step)
         losses = result.losses
-        log.info("step %d/%d | loss %.4f (xy %.3f wh %.3f obj %.3f cls %.3f) | lr %.2e | grad %.2f | "
-                 "%.1f img/s, data %.0f%% | skipped %d steps, %d images", state.step, steps, losses["total"],
-                 losses["xy"], losses["wh"], losses["obj"], losses["cls"], lr, result.grad_norm,
-                 scalars["speed/images_per_s"], 100 * scalars["speed/data_fraction"], state.skipped_steps,
-                 state.skipped_images)
+        # a clip that fires on most steps rescales every update: the lr is then not what train.lr says
+        log.info("step %d/%d | loss %.4f (xy %.3f wh %.3f obj %.3f cls %.3f) | lr %.2e | grad %.2f, clipped %d of "
+                 "the last %d steps | %.1f img/s, data %.0f%% | skipped %d steps, %d images", state.step, steps,
+                 losses["total"], losses["xy"], losses["wh"], losses["obj"], losses["cls"], lr, result.grad_norm,
+                 self.clipped, self.steps, scalars["speed/images_per_s"], 100 * scalars["speed/data_fraction"],
+                 state.skipped_steps, state.skipped_images)
         self.reset()
 
 

@@ -236,6 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
     budget = TimeBudget(cfg.train.time_limit, started) if cfg.train.time_limit and not resumed else None
     while state.step < trainer.steps and not stop:
         result = trainer.step(train_model, batches, window)
+        window.count(result)
         if diverged := bad_steps.update(state.step + 1, result, trainer.scheduler.get_last_lr()[0]):
             raise SystemExit(f"error: {diverged}")  # no last.pt is written: the one on disk is the last good state
         trainer.finish_step(result)

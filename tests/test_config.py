@@ -335,3 +335,38 @@ def test_bad_data_augment_train_values(tmp_path, override, parts):
     assert message.startswith("--set: ")
     for part in parts:
         assert part in message
+
+
+ROOT = Path(__file__).resolve().parents[1]
+DARKNET_RECIPE = ROOT / "args_darknet.yaml"
+
+
+def test_darknet_recipe_lists_every_key_and_holds_the_papers_numbers(tmp_path):
+    raw, seed = (yaml.safe_load(p.read_text()) for p in (DARKNET_RECIPE, ROOT / "args.yaml"))
+    assert {g: set(keys) for g, keys in raw.items()} == {g: set(keys) for g, keys in seed.items()}
+    backbone = write(tmp_path, "", name="darknet53.conv.74")
+    cfg = load_config(DARKNET_RECIPE, [f"model.pretrained_path={backbone}"])
+    train = cfg.train  # yolov3.cfg [net]: batch, momentum, decay, learning_rate, burn_in, max_batches, steps, scales
+    assert (train.optimizer, train.lr, train.momentum, train.weight_decay, train.burn_in) == ("sgd", 1e-3, 0.9, 5e-4,
+                                                                                              1000)
+    assert (train.batch_size, train.subdivisions, train.steps, train.scheduler) == (64, 16, 500200, "steps")
+    assert (train.lr_steps, train.lr_scales) == ([400000, 450000], [0.1, 0.1])
+    assert train.clip_grad_norm is None and not train.ema  # Darknet neither clips nor averages
+    assert raw["model"]["pretrained"] and raw["model"]["pretrained_path"].endswith("darknet53.conv.74")
+    assert (cfg.model.arch, cfg.model.encoder) == ("yolov3", "darknet53")
+    # random=1: 320..608 every 10 optimiser steps; multiscale_every counts micro-batches
+    assert cfg.data.multiscale == [320, 608] and cfg.data.multiscale_every == 10 * train.subdivisions
+    aug = cfg.augment  # jitter=.3 hue=.1 saturation=1.5 exposure=1.5 and Darknet's flip; nothing else
+    assert aug.color_jitter == {"p": 1.0, "brightness": [0.6667, 1.5], "contrast": [1.0, 1.0],
+                                "saturation": [0.6667, 1.5], "hue": 0.1}
+    assert aug.affine == {"p": 1.0, "scale": {"x": [0.7, 1.3], "y": [0.7, 1.3]}, "translate_percent": [-0.2, 0.2]}
+    assert aug.horizontal_flip == {"p": 0.5}
+    assert {k for k, v in config_to_dict(cfg)["augment"].items() if v["p"] > 0} == {"color_jitter", "affine",
+                                                                                     "horizontal_flip"}
+
+
+def test_darknet_recipe_without_the_backbone_names_the_download_script(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # models/weights/darknet53.conv.74 is relative: absent here even after a download
+    with pytest.raises(ConfigError, match=r"args_darknet.yaml: model.pretrained_path='models/weights/darknet53.conv."
+                       r"74': no such file .*download_darknet_weights.sh"):
+        load_config(DARKNET_RECIPE)

@@ -93,9 +93,12 @@ class ModelConfig:
                         "darknet53.conv.74 from this path; fetch it with models/weights/download_darknet_weights.sh "
                         "and give its path (or set model.pretrained: false)")
         if self.pretrained and self.pretrained_path is not None and not Path(self.pretrained_path).is_file():
+            # darknet53 has no default source: only the download script or the user's own copy can help
+            fix = ("fetch darknet53.conv.74 with `bash models/weights/download_darknet_weights.sh` (into "
+                   "models/weights/) or give the path of a copy" if self.encoder == "darknet53" else
+                   "give an existing weights file, or null for the default weights")
             origin.fail("pretrained_path", self.pretrained_path,
-                        f"no such file {str(Path(self.pretrained_path).resolve())!r}; "
-                        "give an existing weights file, or null for the default weights")
+                        f"no such file {str(Path(self.pretrained_path).resolve())!r}; {fix}")
 
 
 def _check_size(origin: Origin, key: str, value: Any, size: int) -> None:

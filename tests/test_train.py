@@ -139,7 +139,7 @@ def test_both_recipes_bring_the_loss_down_on_real_images(config):
     dataset = build_dataset(cfg, "train")
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model.arch, num_classes=len(dataset.class_names)).train()
-    trainer = Trainer.build(model, cfg, torch.device("cpu"))
+    trainer = Trainer.build(model, cfg, torch.device("cpu"), ["a"] * cfg.model.num_classes)
     batches = micro_batches(build_loader(cfg, dataset, True, 4), trainer.state, torch.device("cpu"))
     losses = []
     for _ in range(40):
@@ -316,12 +316,13 @@ loaders, build = [], main.build_start_model
 
 
 def build_frozen_bn(*args):  # BatchNorm in eval mode: its batch statistics would differ between 2 and 4 images
-    model = build(*args)
+    model, started = build(*args)
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.eval()
+            m.train = lambda mode=True, m=m: m  # and kept there when main.py puts the model back in train mode
     torch.save({{k: v.clone() for k, v in model.state_dict().items()}}, os.path.join(out, f"start{{rank}}.pt"))
-    return model
+    return model, started
 
 
 def keep_loader(*args):
@@ -367,6 +368,7 @@ def test_ddp_two_ranks_step_as_one_process_with_the_whole_batch(shapes, tmp_path
     moved = 0
     for k, v in start.items():
         if v.dtype.is_floating_point and "running" not in k:
-            torch.testing.assert_close(ddp[k], one[k], rtol=1e-6, atol=1e-9, msg=k)  # float rounding only
+            torch.testing.assert_close(ddp[k], one[k], rtol=1e-6, atol=1e-9,
+                                           msg=lambda m, k=k: f"{k}: {m}")  # float rounding only
             moved += not torch.equal(one[k], v)
     assert moved > 10  # the step changed the weights

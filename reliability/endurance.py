@@ -61,7 +61,7 @@ def endurance(shapes: Path, out: Path, steps: int, eval_every: int, workers: int
     `overrides`), in this process.
 
     Returns the memory samples, RSS at the first evaluation and at the end, the worker pids seen, the workers
-    still alive `grace` seconds after main() returned, and the file descriptors opened and not closed.
+    still alive and the file descriptors still open `grace` seconds after main() returned.
     """
     fds_before, children_before = Counter(open_fds()), set(child_pids())
     watcher = MemoryAtSteps(children_before)
@@ -75,10 +75,14 @@ def endurance(shapes: Path, out: Path, steps: int, eval_every: int, workers: int
     finally:
         logger.removeHandler(watcher)
     seconds = time.perf_counter() - started
-    deadline = time.monotonic() + grace  # workers get their shutdown signal when the loaders are freed
-    while (left := set(child_pids()) - children_before) and time.monotonic() < deadline:
+    # Workers get their shutdown signal when the loaders are freed, and each index queue's two pipe ends are closed by
+    # its feeder thread, asynchronously (multiprocessing's Queue.close()): what is still there after `grace` leaked.
+    deadline = time.monotonic() + grace
+    while True:
+        left, leaked = set(child_pids()) - children_before, Counter(open_fds()) - fds_before
+        if not (left or leaked) or time.monotonic() > deadline:
+            break
         time.sleep(0.2)
-    leaked = Counter(open_fds()) - fds_before
     by_step = {step: (rss, workers_pss) for step, rss, workers_pss in watcher.samples}
     first_eval = min((s for s in by_step if s > eval_every), default=max(by_step))  # the first sample after it
     return {"steps": steps, "seconds": seconds, "samples": watcher.samples, "rss_start": watcher.samples[0][1],

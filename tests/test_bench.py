@@ -28,3 +28,14 @@ def test_bench_run_names_a_missing_data_folder(tmp_path):
     done = subprocess.run([sys.executable, "bench/run.py", "--data", str(tmp_path / "nowhere")], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and f"--data {tmp_path / 'nowhere'}: no such folder" in done.stderr
+
+
+@pytest.mark.slow
+def test_grad_norms_reports_both_windows_and_the_limits():
+    done = subprocess.run([sys.executable, "bench/grad_norms.py", "--root", str(DATA / "coco"), "--size", "64",
+                           "--steps", "4", "--window", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = done.stdout
+    for line in ("Machine: ", "| steps | mean loss | min | p10 | p50 | p90 | p99 | max |", "| 1-2 | ", "| 3-4 | ",
+                 "| 10 | 4 of 4 |", "| 10000 | 0 of 4 |"):  # an untrained tiny's norm: hundreds
+        assert line in report, line

@@ -107,3 +107,14 @@ def test_machine_kind_is_model_cores_and_isa_class(monkeypatch):
     monkeypatch.setattr(common, "cpu_model", lambda: "AMD EPYC")
     monkeypatch.setattr(common, "isa_class", lambda: "AVX-512 + AVX512-BF16 (no AMX)")
     assert machine_kind(torch.device("cpu")) == "AMD EPYC, 2 cores, AVX-512 + AVX512-BF16 (no AMX)"
+
+
+@pytest.mark.slow
+def test_grad_norms_reports_both_windows_and_the_limits():
+    done = subprocess.run([sys.executable, "bench/grad_norms.py", "--root", str(DATA / "coco"), "--size", "64",
+                           "--steps", "4", "--window", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = done.stdout
+    for line in ("Machine: ", "| steps | mean loss | min | p10 | p50 | p90 | p99 | max |", "| 1-2 | ", "| 3-4 | ",
+                 "| 10 | 4 of 4 |", "| 10000 | 0 of 4 |"):  # an untrained tiny's norm: hundreds
+        assert line in report, line

@@ -103,6 +103,14 @@ def test_clipping_is_reported_and_scales_the_update_to_the_limit():
     assert not above.clipped
 
 
+def test_the_default_limit_leaves_a_fresh_models_steps_alone():
+    # the loss sums each image's terms, so a fresh model's gradient norm is in the hundreds (thousands for yolov3,
+    # BENCHMARKS.md "Gradient norms"): a limit of 10 would rescale every step, the default only outliers
+    limit = load_config(ROOT / "args.yaml").train.clip_grad_norm
+    result, _ = clip_step(limit)
+    assert not result.clipped and limit >= 2 * 4474  # twice the largest norm measured on coco_mini (yolov3 start)
+
+
 def test_progress_window_counts_clipped_steps(caplog):
     from types import SimpleNamespace
 

@@ -244,7 +244,9 @@ class TrainConfig:
     cosine_eta_min: float = 0.00001  # lr at the bottom of each cycle
     amp: str = "fp16"  # mixed precision: fp16 (+ GradScaler; CUDA only, fp32 on the CPU) | bf16 | fp32 (none) |
     # auto (bf16 on a CPU with native bf16 and on CUDA GPUs with bf16, fp16 on other GPUs, else fp32)
-    clip_grad_norm: float | None = 10.0  # clip the gradient norm (after unscaling); null: no clipping
+    # clip the gradient norm (after unscaling) above this; null: never. The loss is a per-image sum, so healthy norms
+    # are 25-4,500 (BENCHMARKS.md, Gradient norms) and this catches outliers only
+    clip_grad_norm: float | None = 10000.0
     ema: bool = True  # keep an exponential moving average of the weights, used for evaluation
     ema_decay: float = 0.9999  # EMA decay, ramped up over the first steps (decay * (1 - exp(-step / 2000)))
     checkpoint_every: int = 1000  # steps between writes of last.pt (also written at exit)

@@ -22,7 +22,7 @@ import statistics
 import time
 import warnings
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -188,21 +188,27 @@ class Trainer:
 class TimeBudget:
     """train.time_limit: the run's step count fitted to the minutes it has.
 
-    The first PROBE_STEPS steps are timed (the first WARMUP_STEPS left out; the median step counts), one
-    evaluation's time is estimated from two validation batches and one last.pt write is timed; then the run is made
-    as many steps long as fit in the limit less MARGIN of it, with every evaluation (eval.every and the last) and
-    checkpoint it will make. Step times are scaled by the input area, so a probe at one multi-scale size predicts
-    the whole range. At a quarter of the run the fit is made once more from all steps timed so far (within
-    REFIT_RANGE of the first fit, so that burn-in, already over, cannot come back). The limit counts from the
-    start of main.py (set-up included); a resumed run keeps its plan and has no limit of its own.
+    The first PROBE_STEPS steps are timed, one evaluation's time is estimated from two validation batches and one
+    last.pt write is timed; then the run is made as many steps long as fit in the limit less MARGIN of it, with every
+    evaluation (eval.every and the last) and checkpoint it will make. The input size of every future step is known
+    in advance (`step_sizes`, the multi-scale draw is a function of the seed), so the plan adds up each one's own
+    time: a size already trained at costs the median of its timed steps (one-off costs left out: the WARMUP_STEPS
+    first steps, the first step at each new size); another size is scaled from the nearest timed one by the power
+    law the timed sizes follow (time ~ side^b, b fitted on two or more sizes, clamped to 1-3; b = 2, the area, from
+    one size). The step time grows faster than the area on a CPU (b ~ 2.4 measured, BENCHMARKS.md), so the first
+    fit errs long; at REFITS of the run it is fitted again from all steps timed so far (within REFIT_RANGE of the
+    plan before, so that burn-in, over by then, cannot come back). The limit counts from the start of main.py
+    (set-up included); a resumed run keeps its plan and has no limit of its own.
     """
 
-    PROBE_STEPS, WARMUP_STEPS, MARGIN, REFIT_RANGE = 12, 2, 0.03, (0.5, 2.0)
+    PROBE_STEPS, WARMUP_STEPS, MARGIN, REFIT_RANGE, REFITS = 12, 2, 0.03, (0.5, 2.0), (0.25, 0.5, 0.75)
+    MAX_STEPS = 10_000_000
 
-    def __init__(self, minutes: float, started: float) -> None:
-        self.limit, self.started = 60 * minutes, started
+    def __init__(self, minutes: float, started: float, step_sizes: Callable[[int, int], np.ndarray]) -> None:
+        self.limit, self.started, self.step_sizes = 60 * minutes, started, step_sizes
         self.samples: list[tuple[int, float, int]] = []  # (step, seconds, input side)
         self.refit_at: int | None = None
+        self.refits_left = list(self.REFITS)
         self.last = time.perf_counter()
 
     def record(self, step: int, size: int) -> None:
@@ -211,41 +217,70 @@ class TimeBudget:
         self.samples.append((step, now - self.last, size))
         self.last = now
 
-    def planned(self, step: int, steps: int, refit: bool) -> None:
-        """The run is now `steps` long (fitted at step `step`, on every rank alike): the refit comes at a quarter of
-        it, once."""
-        at = max(step + self.PROBE_STEPS, steps // 4)
-        self.refit_at = at if not refit and at < steps else None
+    def planned(self, step: int, steps: int) -> None:
+        """The run is now `steps` long (fitted at step `step`, on every rank alike): the next refit is at the next
+        of REFITS of it still ahead."""
+        while self.refits_left and self.refits_left[0] * steps <= step:
+            self.refits_left.pop(0)
+        at = int(self.refits_left.pop(0) * steps) if self.refits_left else steps
+        self.refit_at = at if at < steps else None
+        self.last = time.perf_counter()  # the fit's own work (an evaluation timed, a checkpoint) is no step's time
 
     def due(self, step: int, planned: bool) -> bool:
         """Whether the run should be (re)fitted after step `step`."""
         return (not planned and step == self.PROBE_STEPS) or step == self.refit_at
 
-    def fit(self, step: int, sizes: list[int], eval_seconds: float, checkpoint_seconds: float, cfg: Config,
+    def seconds_at(self) -> Callable[[np.ndarray], np.ndarray]:
+        """Seconds per step as a function of the input side (vectorised), from the steps timed so far."""
+        timed: dict[int, list[float]] = defaultdict(list)
+        previous = None
+        for k, t, s in self.samples:
+            if k > self.WARMUP_STEPS and s == previous:
+                timed[s].append(t)
+            previous = s
+        if not timed:  # every timed step was a first one at its size: take them as they are
+            for _, t, s in self.samples[self.WARMUP_STEPS:] or self.samples:
+                timed[s].append(t)
+        sides = np.array(sorted(timed), dtype=np.float64)
+        medians = np.array([statistics.median(timed[int(s)]) for s in sides])
+        exponent = 2.0
+        if len(sides) > 1:
+            exponent = float(np.clip(np.polyfit(np.log(sides), np.log(medians), 1)[0], 1.0, 3.0))
+
+        def seconds(side: np.ndarray) -> np.ndarray:
+            nearest = np.abs(np.log(side[:, None] / sides[None, :])).argmin(1)
+            return medians[nearest] * (side / sides[nearest]) ** exponent
+
+        return seconds
+
+    def fit(self, step: int, eval_seconds: float, checkpoint_seconds: float, cfg: Config,
             current: int | None) -> int:
-        """The step count that ends the run inside the limit (at least `step`); `sizes` are the training sizes."""
-        # seconds per input pixel: at the first fit the median step (one-off costs left out: worker start-up, kernels
-        # made for each new input size), at the refit the mean of every step since (what the run really costs)
-        first = current is None
-        rates = [t / (s * s) for k, t, s in self.samples if k > (self.WARMUP_STEPS if first else self.PROBE_STEPS)]
-        per_pixel = statistics.median(rates) if first else statistics.fmean(rates)
-        step_seconds = per_pixel * sum(s * s for s in sizes) / len(sizes)
+        """The step count that ends the run inside the limit (at least `step`)."""
+        seconds = self.seconds_at()
         left = self.limit * (1 - self.MARGIN) - (time.perf_counter() - self.started)
-
-        def cost(n: int) -> float:
-            evals = sum(1 for k in range(step + 1, n + 1) if k % cfg.eval.every == 0 or k == n)
-            checkpoints = sum(1 for k in range(step + 1, n + 1) if k % cfg.train.checkpoint_every == 0) + 1 + evals
-            return (n - step) * step_seconds + evals * eval_seconds + checkpoints * checkpoint_seconds
-
-        n = step + max(0, int(left / step_seconds))
-        if current is not None:
-            n = min(max(n, int(self.REFIT_RANGE[0] * current)), int(self.REFIT_RANGE[1] * current))
-        while n > step and cost(n) > left:
-            n -= max(1, int((cost(n) - left) / step_seconds))
+        lo, hi = (step, None) if current is None else (int(self.REFIT_RANGE[0] * current),
+                                                        int(self.REFIT_RANGE[1] * current))
+        # every step the run could still make (no step is quicker than the quickest size's; at most MAX_STEPS)
+        low, high = cfg.data.train_size_range()
+        quickest = float(seconds(np.arange(low, high + 1, 32, dtype=np.float64)).min())
+        upper = min(step + int(max(left, 0) / quickest) + 1, step + self.MAX_STEPS)
+        upper = min(upper, hi + 1) if hi is not None else upper
+        k = np.arange(step + 1, max(upper, step + 1) + 1)  # 1-based numbers of the steps it could end after
+        step_time = seconds(self.step_sizes(step, int(k[-1])).astype(np.float64))
+        periodic = (k % cfg.eval.every == 0) * (eval_seconds + checkpoint_seconds) + \
+            (k % cfg.train.checkpoint_every == 0) * checkpoint_seconds  # an evaluation writes best.pt too
+        before = np.cumsum(step_time + periodic) - periodic  # all up to step k, k's own evaluation not yet
+        # ending after step k: its evaluation (at a multiple of eval.every or as the last), best.pt and last.pt
+        total = before + eval_seconds + 2 * checkpoint_seconds
+        fits = np.nonzero(total <= left)[0]
+        n = int(k[fits[-1]]) if len(fits) else step
+        n = min(max(n, lo), hi) if hi is not None else max(n, step)
         n = max(n, step)
+        planned_sizes = self.step_sizes(step, n) if n > step else np.array([self.samples[-1][2]])
         log.info("fitted %d steps to %.1f min (%.3f s per step over sizes %d-%d, one evaluation ~%.1f s, one "
-                 "checkpoint %.1f s; %.1f min used so far)%s", n, self.limit / 60, step_seconds, min(sizes),
-                 max(sizes), eval_seconds, checkpoint_seconds, (time.perf_counter() - self.started) / 60,
+                 "checkpoint %.1f s; %.1f min used so far)%s", n, self.limit / 60,
+                 float(seconds(planned_sizes.astype(np.float64)).mean()), planned_sizes.min(), planned_sizes.max(),
+                 eval_seconds, checkpoint_seconds, (time.perf_counter() - self.started) / 60,
                  "" if current is None else f", re-fitted from {current}")
         if n == step:
             log.warning("train.time_limit %.1f min leaves no time for more than the %d timed steps", self.limit / 60,

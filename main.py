@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from datasets.coco import CocoDetection, DatasetError
 from datasets.coco_names import COCO_NAMES
-from datasets.loader import LoaderError, build_dataset, build_loader, train_sizes
+from datasets.loader import LoaderError, build_dataset, build_loader
 from engine import (
     BadStepCounter,
     EvalResult,
@@ -160,9 +160,9 @@ def fit_to_time(budget: TimeBudget, trainer: Trainer, val_loader: torch.utils.da
     """train.time_limit: fit the run's length to the time left (rank 0 decides, every rank follows)."""
     eval_seconds = estimate_eval_seconds(trainer.eval_model, val_loader, cfg.eval, device, amp_dtype)
     current = trainer.state.planned_steps
-    steps = broadcast_object(budget.fit(trainer.state.step, train_sizes(cfg), eval_seconds, checkpoint_seconds,
+    steps = broadcast_object(budget.fit(trainer.state.step, eval_seconds, checkpoint_seconds,
                                         cfg, current) if is_main_process() else None)
-    budget.planned(trainer.state.step, steps, refit=current is not None)
+    budget.planned(trainer.state.step, steps)
     trainer.plan(steps)
 
 
@@ -233,7 +233,8 @@ def main(argv: list[str] | None = None) -> dict:
     progress = tqdm(total=trainer.steps, initial=state.step, disable=not main_process or not sys.stderr.isatty(),
                     desc="train", unit="step", dynamic_ncols=True)
     window, bad_steps = ProgressWindow(), BadStepCounter(cfg.train.max_bad_steps, run_dir / "last.pt")
-    budget = TimeBudget(cfg.train.time_limit, started) if cfg.train.time_limit and not resumed else None
+    budget = (TimeBudget(cfg.train.time_limit, started, train_loader.batch_sampler.step_sizes)
+              if cfg.train.time_limit and not resumed else None)
     while state.step < trainer.steps and not stop:
         result = trainer.step(train_model, batches, window)
         window.count(result)

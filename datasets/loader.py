@@ -67,10 +67,20 @@ class MultiScaleBatchSampler(Sampler[list[tuple[int, int, int]]]):
 
     def size_of(self, number: int) -> int:
         """The input size of batch `number` of the current epoch."""
+        return self.step_size((self.epoch * self.batches_per_epoch() + number) // self.subdivisions)
+
+    def step_size(self, step: int) -> int:
+        """The input size of optimiser step `step` (0-based, counted over the whole run)."""
         if len(self.sizes) == 1:
             return self.sizes[0]
-        step = (self.epoch * self.batches_per_epoch() + number) // self.subdivisions  # over the whole run
         return self.sizes[stream_seed(self.seed, 1, step // self.every) % len(self.sizes)]
+
+    def step_sizes(self, start: int, stop: int) -> np.ndarray:
+        """The input sizes of optimiser steps start..stop-1 (0-based), (stop - start,) int64: what the run will train
+        at, known in advance (train.time_limit fits the run to them)."""
+        first, last = start // self.every, max(start, stop - 1) // self.every
+        chunk_sizes = np.array([self.step_size(c * self.every) for c in range(first, last + 1)], dtype=np.int64)
+        return chunk_sizes[np.arange(start, stop) // self.every - first]
 
     def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
         """Yield [(index, size, sample seed), ...] per batch."""

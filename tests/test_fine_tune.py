@@ -5,20 +5,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
-import subprocess
-import sys
 import time
 
+import numpy as np
 import pytest
 import torch
-from test_train import ROOT, run_args
+from test_train import ROOT, run_args, run_two_ranks
 
 import main as train_main
 from datasets.coco_names import COCO_NAMES
 from datasets.shapes import SHAPE_CLASSES, generate_shapes
-from engine import lr_factor, resolve_schedule
+from engine import TimeBudget, lr_factor, resolve_schedule
 from models import build_model
 from models.transfer import Transfer, cut_prefix, normalize_name, start_from, transfer_state
 from utils.checkpoint import load_checkpoint, save_checkpoint
@@ -202,6 +200,53 @@ def test_time_limited_run_ends_in_time_with_its_whole_schedule_and_resumes_its_p
 TimeBudgetProbe = 12  # engine.TimeBudget.PROBE_STEPS: a fitted run is at least that long
 
 
+def alternating_sizes(start: int, stop: int) -> np.ndarray:
+    """A stand-in multi-scale draw: steps 0-9 at 320, 10-19 at 480, 20-29 at 320, ..."""
+    return np.where(np.arange(start, stop) // 10 % 2 == 0, 320, 480)
+
+
+def timed_budget(minutes: float) -> TimeBudget:
+    """A budget that has timed 12 steps: 2 warm-up steps (10 s), 8 at 320 (1 s), the first at 480 (5 s: kernels for
+    a new size), one more at 480 (2.25 s: (480 / 320)^2 x 1 s, the area law)."""
+    budget = TimeBudget(minutes, time.perf_counter(), alternating_sizes)
+    times = [10, 10] + [1.0] * 8 + [5.0, 2.25]
+    budget.samples = [(k + 1, t, int(alternating_sizes(k, k + 1)[0])) for k, t in enumerate(times)]
+    return budget
+
+
+def test_time_budget_adds_up_the_sizes_the_run_will_train_at():
+    cfg = load_config(ROOT / "args.yaml", ["data.img_size=384", "data.multiscale=[320,480]", "eval.every=1000",
+                                           "train.checkpoint_every=1000"])
+    budget = timed_budget(40 / 60 / (1 - TimeBudget.MARGIN) + 1e-4)  # 40 s left
+    seconds = budget.seconds_at()
+    # one-off steps left out: 320 costs its 1 s, 480 its 2.25 s; 400 is scaled from 480, by the fitted exponent 2
+    assert seconds(np.array([320.0, 480.0, 400.0])) == pytest.approx([1.0, 2.25, 2.25 * (400 / 480) ** 2])
+    # steps 13-20 at 480 (18 s), 21-30 at 320 (10 s), 31-34 at 480 (9 s): 37 s, + the last evaluation (1 s), best.pt
+    # and last.pt (0.5 s each) = 39 s; step 35 would end at 41.25 s
+    assert budget.fit(12, 1.0, 0.5, cfg, None) == 34
+    # a refit stays within REFIT_RANGE of the plan it replaces
+    assert budget.fit(12, 1.0, 0.5, cfg, 100) == 50
+    assert budget.fit(12, 1.0, 0.5, cfg, 20) == 34
+
+
+def test_time_budget_refits_at_a_quarter_half_and_three_quarters_of_the_plan():
+    budget = timed_budget(5)
+    budget.planned(12, 76)
+    assert budget.refit_at == 19 and budget.due(19, True) and not budget.due(12, True)
+    budget.planned(19, 64)
+    assert budget.refit_at == 32
+    budget.planned(32, 80)
+    assert budget.refit_at == 60
+    budget.planned(60, 61)
+    assert budget.refit_at is None  # every refit done
+
+
+def test_time_budget_with_one_size_timed_scales_by_the_area():
+    budget = timed_budget(5)
+    budget.samples = budget.samples[:10]  # steps 1-10, all at 320
+    assert budget.seconds_at()(np.array([480.0, 160.0])) == pytest.approx([2.25, 0.25])
+
+
 # ---- schedules relative to the run ----
 
 
@@ -239,19 +284,6 @@ def test_bad_relative_values_name_the_key(overrides, message):
 
 @pytest.mark.slow
 def test_every_ddp_rank_follows_the_fitted_plan(shapes, tmp_path):
-    worker = tmp_path / "worker.py"
-    worker.write_text(
-        "import json, os, sys\n"
-        f"sys.path.insert(0, {str(ROOT)!r})\n"
-        "import main\n"
-        "result = main.main(sys.argv[1:])\n"
-        "open(os.path.join(os.environ['OUT'], f\"rank{os.environ['RANK']}.json\"), 'w').write(json.dumps("
-        "result['state']))\n")
-    env = {**os.environ, "OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519",
-                          str(worker), *run_args(shapes, tmp_path / "logs", "train.time_limit=0.3")],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    run, ranks = run_two_ranks(tmp_path, run_args(shapes, tmp_path / "logs", "train.time_limit=0.3"), "result['state']")
     assert ranks[0]["planned_steps"] == ranks[1]["planned_steps"] == ranks[0]["step"] == ranks[1]["step"]
     assert "fitted" in run.stdout

@@ -194,3 +194,6 @@ def test_train_loader_counts_multiscale_every_in_optimiser_steps(shapes_root):
     assert len(sizes) == 36
     assert all(sizes[i] == sizes[i + 1] for i in range(0, 36, 2))  # both micro-batches of each step
     assert len(set(sizes)) > 1
+    # what train.time_limit plans with: every step's size known in advance, the same as the batches then carry
+    assert loader.batch_sampler.step_sizes(0, 18).tolist() == sizes[::2]
+    assert loader.batch_sampler.step_sizes(5, 9).tolist() == sizes[10:18:2]

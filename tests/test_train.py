@@ -1,4 +1,5 @@
 """Training: accumulation, EMA, exact resume, SIGTERM, TensorBoard tags, early stop, DDP, batch overfit."""
+import json
 import os
 import signal
 import subprocess
@@ -277,25 +278,29 @@ def test_sigterm_to_the_whole_process_group_with_workers(shapes, tmp_path):
         pytest.fail("DataLoader workers outlived the trainer")
 
 
-@pytest.mark.slow
-def test_ddp_two_processes_on_cpu(shapes, tmp_path):
+def run_two_ranks(tmp_path, args: list[str], result_json: str) -> tuple[subprocess.CompletedProcess, list]:
+    """Run main.main(args) on 2 gloo ranks (torchrun --standalone: a free port) and return the run and, per rank,
+    the JSON of `result_json`, a Python expression of main()'s `result`."""
     worker = tmp_path / "worker.py"
     worker.write_text(
         "import json, os, sys\n"
         f"sys.path.insert(0, {str(ROOT)!r})\n"
         "import main\n"
         "result = main.main(sys.argv[1:])\n"
-        "rank = os.environ['RANK']\n"
-        "open(os.path.join(os.environ['OUT'], f'rank{rank}.json'), 'w').write(json.dumps("
-        "{'checksum': float(sum(p.detach().double().sum() for p in result['model'].parameters())), "
-        "'step': result['state']['step']}))\n")
+        "open(os.path.join(os.environ['OUT'], f\"rank{os.environ['RANK']}.json\"), 'w').write(json.dumps("
+        f"{result_json}))\n")
     env = {**os.environ, "OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-                          str(worker), *run_args(shapes, tmp_path / "logs", "train.steps=3", "eval.every=3")],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(worker), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    import json
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return run, [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_on_cpu(shapes, tmp_path):
+    _, ranks = run_two_ranks(tmp_path, run_args(shapes, tmp_path / "logs", "train.steps=3", "eval.every=3"),
+                             "{'checksum': float(sum(p.detach().double().sum() for p in result['model'].parameters()))"
+                             ", 'step': result['state']['step']}")
     assert ranks[0]["step"] == ranks[1]["step"] == 3
     assert ranks[0]["checksum"] == ranks[1]["checksum"]  # identical weights on both ranks
     runs = list((tmp_path / "logs").iterdir())
@@ -365,7 +370,6 @@ def test_ddp_two_ranks_step_as_one_process_with_the_whole_batch(shapes, tmp_path
         run = subprocess.run([sys.executable, *launcher, str(worker), *args], cwd=ROOT, env={**env, "OUT": str(
             tmp_path / name)}, capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    import json
     ranks = [json.loads((tmp_path / "ddp" / f"batch{r}.json").read_text()) for r in (0, 1)]
     whole = json.loads((tmp_path / "one" / "batch0.json").read_text())
     assert len(ranks[0]) == len(ranks[1]) == 2 and len(whole) == 4

@@ -195,10 +195,10 @@ class TimeBudget:
     time: a size already trained at costs the median of its timed steps (one-off costs left out: the WARMUP_STEPS
     first steps, the first step at each new size); another size is scaled from the nearest timed one by the power
     law the timed sizes follow (time ~ side^b, b fitted on two or more sizes, clamped to 1-3; b = 2, the area, from
-    one size). The step time grows faster than the area on a CPU (b ~ 2.4 measured, BENCHMARKS.md), so the first
-    fit errs long; at REFITS of the run it is fitted again from all steps timed so far (within REFIT_RANGE of the
-    plan before, so that burn-in, over by then, cannot come back). The limit counts from the start of main.py
-    (set-up included); a resumed run keeps its plan and has no limit of its own.
+    one size). The step time grows faster than the area on a CPU (b ~ 2.3 measured: BENCHMARKS.md, Your own data),
+    so the first fit errs long; at REFITS of the run it is fitted again from all steps timed so far (within
+    REFIT_RANGE of the plan before, so that burn-in, over by then, cannot come back). The limit counts from the
+    start of main.py (set-up included); a resumed run keeps its plan and has no limit of its own.
     """
 
     PROBE_STEPS, WARMUP_STEPS, MARGIN, REFIT_RANGE, REFITS = 12, 2, 0.03, (0.5, 2.0), (0.25, 0.5, 0.75)

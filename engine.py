@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from datasets.coco_eval import coco_evaluate, to_coco_rows
-from datasets.loader import checked_batches
+from datasets.loader import checked_batches, train_sizes
 from models.forms import Form, choose_form
 from models.loss import YOLOLoss, build_loss
 from models.postprocess import postprocess, to_original_pixels
@@ -258,28 +258,25 @@ class TimeBudget:
         """The step count that ends the run inside the limit (at least `step`)."""
         seconds = self.seconds_at()
         left = self.limit * (1 - self.MARGIN) - (time.perf_counter() - self.started)
-        lo, hi = (step, None) if current is None else (int(self.REFIT_RANGE[0] * current),
-                                                        int(self.REFIT_RANGE[1] * current))
-        # every step the run could still make (no step is quicker than the quickest size's; at most MAX_STEPS)
-        low, high = cfg.data.train_size_range()
-        quickest = float(seconds(np.arange(low, high + 1, 32, dtype=np.float64)).min())
-        upper = min(step + int(max(left, 0) / quickest) + 1, step + self.MAX_STEPS)
-        upper = min(upper, hi + 1) if hi is not None else upper
-        k = np.arange(step + 1, max(upper, step + 1) + 1)  # 1-based numbers of the steps it could end after
-        step_time = seconds(self.step_sizes(step, int(k[-1])).astype(np.float64))
+        lo, hi = (step, step + self.MAX_STEPS) if current is None else (int(self.REFIT_RANGE[0] * current),
+                                                                         int(self.REFIT_RANGE[1] * current))
+        # every step the run could still make: no step is quicker than the quickest size's
+        quickest = float(seconds(np.array(train_sizes(cfg))).min())
+        upper = max(min(step + int(max(left, 0) / quickest) + 1, hi + 1), lo, step + 1)
+        k = np.arange(step + 1, upper + 1)  # 1-based numbers of the steps it could end after (lo's included)
+        sizes = self.step_sizes(step, upper)
+        step_time = seconds(sizes)
         periodic = (k % cfg.eval.every == 0) * (eval_seconds + checkpoint_seconds) + \
             (k % cfg.train.checkpoint_every == 0) * checkpoint_seconds  # an evaluation writes best.pt too
         before = np.cumsum(step_time + periodic) - periodic  # all up to step k, k's own evaluation not yet
         # ending after step k: its evaluation (at a multiple of eval.every or as the last), best.pt and last.pt
         total = before + eval_seconds + 2 * checkpoint_seconds
         fits = np.nonzero(total <= left)[0]
-        n = int(k[fits[-1]]) if len(fits) else step
-        n = min(max(n, lo), hi) if hi is not None else max(n, step)
-        n = max(n, step)
-        planned_sizes = self.step_sizes(step, n) if n > step else np.array([self.samples[-1][2]])
+        n = max(min(max(int(k[fits[-1]]) if len(fits) else step, lo), hi), step)
+        planned = slice(0, n - step) if n > step else slice(0, 1)
         log.info("fitted %d steps to %.1f min (%.3f s per step over sizes %d-%d, one evaluation ~%.1f s, one "
                  "checkpoint %.1f s; %.1f min used so far)%s", n, self.limit / 60,
-                 float(seconds(planned_sizes.astype(np.float64)).mean()), planned_sizes.min(), planned_sizes.max(),
+                 float(step_time[planned].mean()), sizes[planned].min(), sizes[planned].max(),
                  eval_seconds, checkpoint_seconds, (time.perf_counter() - self.started) / 60,
                  "" if current is None else f", re-fitted from {current}")
         if n == step:

@@ -151,11 +151,19 @@ def inference_setup(args: argparse.Namespace) -> tuple[YOLO, Config, torch.devic
         raise SystemExit(f"error: {e}") from e
     model = model.fuse().half() if args.half else model.fuse()
     amp = "fp16" if args.half else amp_mode(args.amp, cfg.eval.amp, device)
+    model, form = tool_ready_for_inference(model, device, cfg.data.img_size, amp, args.pack, args.compile)
+    return model, cfg, device, form
+
+
+def tool_ready_for_inference(model: YOLO, device: torch.device, size: int, amp: str, pack: bool | None,
+                             compile: bool) -> tuple[torch.nn.Module, Form]:
+    """ready_for_inference for a tool: options that name no form, or a --compile that cannot run, exit with one
+    line; the form that runs is printed."""
     try:
-        model, form = ready_for_inference(model, device, cfg.data.img_size, amp, args.pack, args.compile)
+        model, form = ready_for_inference(model, device, size, amp, pack, compile)
     except CompileError as e:
         raise SystemExit(f"error: --compile: {e}") from e
     except FormError as e:
         raise SystemExit(f"error: {e}") from e
     print(f"inference form: {form}")
-    return model, cfg, device, form
+    return model, form

@@ -20,8 +20,7 @@ from datasets.coco import DatasetError
 from datasets.coco_eval import coco_evaluate, rows_to_json, save_json
 from datasets.loader import LoaderError, build_dataset, build_loader
 from engine import evaluate
-from inference import CompileError, add_speed_args, amp_mode, ready_for_inference
-from models.forms import FormError
+from inference import add_speed_args, amp_mode, tool_ready_for_inference
 from models.transfer import load_model
 from utils.checkpoint import CheckpointError
 from utils.cli import add_config_args, cli_config
@@ -69,14 +68,8 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_fuse:
         model.fuse()
     loader = build_loader(cfg, dataset, train=False, batch_size=cfg.eval.batch_size, device=device)
-    try:
-        model, form = ready_for_inference(model, device, cfg.data.img_size, amp_mode(args.amp, cfg.eval.amp, device),
-                                          args.pack, args.compile)
-    except CompileError as e:
-        raise SystemExit(f"error: --compile: {e}") from e
-    except FormError as e:
-        raise SystemExit(f"error: {e}") from e
-    print(f"inference form: {form}")
+    model, form = tool_ready_for_inference(model, device, cfg.data.img_size, amp_mode(args.amp, cfg.eval.amp, device),
+                                           args.pack, args.compile)
     try:
         result = evaluate(model, loader, cfg.eval, device, form.dtype)
     except LoaderError as e:

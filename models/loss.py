@@ -269,9 +269,10 @@ class YOLOLoss(nn.Module):
         crowd = targets[:, 1] < 0
         has_crowd = bool(crowd.any())  # one host sync; most batches hold no crowd region
         objects = targets[~crowd] if has_crowd else targets
-        hits = torch.zeros(num_anchors, pred.shape[1], device=pred.device)
         if self.ignore_threshold < 1 and len(objects):
             hits = self.overlap_hits(pred, objects, grid_sizes)
+        else:
+            hits = torch.zeros(num_anchors, pred.shape[1], device=pred.device)
         if has_crowd:
             hits += self.crowd_hits(pred, targets[crowd], grid.shape[-1])
         return hits > 0

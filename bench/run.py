@@ -11,7 +11,7 @@ BENCHMARKS.md is the current page: one `## <machine kind>` section per kind of m
 machine_kind: CPU model, cores and ISA class, or the GPU's name). `--write` replaces the block between that
 section's BEGIN and END markers with this run's report (a section without markers is replaced whole; a kind
 without a section gets a new one above NEW_KINDS) and appends the block it replaced, dated, to
-BENCHMARKS_HISTORY.md. What is outside the markers (notes, accuracy tables) stays.
+docs/BENCHMARKS_HISTORY.md. What is outside the markers (notes, accuracy tables) stays.
 """
 from __future__ import annotations
 
@@ -143,7 +143,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--size", type=int, default=416, help="input size of every bench (the goals are at 416)")
     parser.add_argument("--write", action="store_true", help="write the report into this machine kind's section of "
-                        "BENCHMARKS.md (the block it replaces moves to BENCHMARKS_HISTORY.md)")
+                        "BENCHMARKS.md (the block it replaces moves to docs/BENCHMARKS_HISTORY.md)")
     parser.add_argument("--compile", action="store_true", help="also time YOLOv3 under torch.compile (bench only)")
     args = parser.parse_args()
     if not (ROOT / args.data).exists() and not Path(args.data).exists():
@@ -177,7 +177,7 @@ def main() -> None:
     kind = this_machine_kind(args.device)
     print(f"## {kind}\n\n{block}")
     if args.write:
-        write_section(ROOT / "BENCHMARKS.md", ROOT / "BENCHMARKS_HISTORY.md", kind, block, when)
+        write_section(ROOT / "BENCHMARKS.md", ROOT / "docs" / "BENCHMARKS_HISTORY.md", kind, block, when)
         print(f"wrote the '## {kind}' section of {ROOT / 'BENCHMARKS.md'}", file=sys.stderr)
 
 

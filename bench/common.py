@@ -6,6 +6,7 @@ fp32, and where bf16 is native (a CPU with AVX512-BF16 / AMX, a GPU with bf16) a
 """
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import os
@@ -150,3 +151,18 @@ def emit(lines: list[str], figures: dict[str, float], json_path: str | None) -> 
     print("\n".join(lines))
     if json_path:
         Path(json_path).write_text(json.dumps(figures))
+
+
+def add_data_argument(parser: argparse.ArgumentParser) -> None:
+    """--data DIR, required (--root, its earlier name, still works): the COCO-format folder a bench reads."""
+    parser.add_argument("--data", "--root", dest="data", required=True, metavar="DIR",
+                        help="COCO-format data: images/{train,val}2017/ and annotations/ as datasets/get_coco.sh "
+                        "writes them (the figures in BENCHMARKS.md used a 50 + 50 image COCO subset)")
+
+
+def checked_data(path: str) -> str:
+    """`path` if it is a folder; else stop with a message that names --data (before any heavy work)."""
+    if not Path(path).is_dir():
+        raise SystemExit(f"error: --data {path}: no such folder; point it at a COCO-format set (images/ and "
+                         "annotations/ as datasets/get_coco.sh writes them)")
+    return path

@@ -1,7 +1,7 @@
 """Training data pipeline throughput, JPEG on disk -> collated 416 batch, with a per-stage breakdown.
 
     MALLOC_MMAP_THRESHOLD_=1000000000 MALLOC_TRIM_THRESHOLD_=1000000000 \\
-        .venv/bin/python bench/data_pipeline.py [--root ../shared/data/coco_mini] [--size 416] [--repeats 5]
+        .venv/bin/python bench/data_pipeline.py --data DIR [--size 416] [--repeats 5]
 
 One process (as one DataLoader worker) runs the full training transform over every image of the train split,
 `--repeats` times after a warm-up pass; each stage is timed separately in a second loop. Then a DataLoader with
@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import emit, machine, spread  # noqa: E402
+from bench.common import add_data_argument, checked_data, emit, machine, spread  # noqa: E402
 from datasets.coco import collate  # noqa: E402
 from datasets.loader import build_dataset, build_loader  # noqa: E402
 from datasets.transforms import pad_to_square, resize_to_fit, to_chw_tensor  # noqa: E402
@@ -141,14 +141,14 @@ def run(root: str, size: int, repeats: int, workers: list[int]) -> tuple[list[st
 def main() -> None:
     """Parse arguments, run, print markdown (and write the figures as JSON with --json)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", default="../shared/data/coco_mini")
+    add_data_argument(parser)
     parser.add_argument("--size", type=int, default=416)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2],
                         help="DataLoader worker counts to time (the first is the 1x reference)")
     parser.add_argument("--json", help="also write the headline figures to this JSON file")
     args = parser.parse_args()
-    lines, figures = run(args.root, args.size, args.repeats, args.workers)
+    lines, figures = run(checked_data(args.data), args.size, args.repeats, args.workers)
     emit(lines, figures, args.json)
 
 

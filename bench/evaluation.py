@@ -1,7 +1,7 @@
 """validation.py's time split (data, model, post-processing, COCOeval) on a COCO-format val set.
 
     MALLOC_MMAP_THRESHOLD_=1000000000 MALLOC_TRIM_THRESHOLD_=1000000000 \\
-        .venv/bin/python bench/evaluation.py [--root ../shared/data/coco_mini] [--size 416] [--arch yolov3]
+        .venv/bin/python bench/evaluation.py --data DIR [--size 416] [--arch yolov3]
 
 Two score distributions, both from an untrained model (the trained weights cannot be downloaded here):
 - "priors": as initialised, objectness ~0.01 x class ~1/81, so almost nothing passes conf 0.001;
@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import emit, machine  # noqa: E402
+from bench.common import add_data_argument, checked_data, emit, machine  # noqa: E402
 from datasets.coco_eval import coco_evaluate  # noqa: E402
 from datasets.loader import build_dataset, build_loader  # noqa: E402
 from engine import evaluate  # noqa: E402
@@ -90,13 +90,13 @@ def run(root: str, size: int, arch: str, batch: int) -> tuple[list[str], dict[st
 def main() -> None:
     """Parse arguments, run, print markdown (and write the figures as JSON with --json)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", default="../shared/data/coco_mini")
+    add_data_argument(parser)
     parser.add_argument("--size", type=int, default=416)
     parser.add_argument("--arch", default="yolov3")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--json", help="also write the headline figures to this JSON file")
     args = parser.parse_args()
-    lines, figures = run(args.root, args.size, args.arch, args.batch)
+    lines, figures = run(checked_data(args.data), args.size, args.arch, args.batch)
     emit(lines, figures, args.json)
 
 

@@ -1,6 +1,6 @@
 """The gradient norm of training on real COCO images, with clipping off: its spread at the start and after training.
 
-    .venv/bin/python bench/grad_norms.py [--root ../shared/data/coco_mini] [--arch yolov3-tiny] [--size 320]
+    .venv/bin/python bench/grad_norms.py --data DIR [--arch yolov3-tiny] [--size 320]
         [--batch 4] [--steps 200] [--window 20] [--weights FILE] [--set group.key=value ...]
 
 What train.clip_grad_norm should be: the YOLOv3 loss is a sum over each image's predictions (models/loss.py), so
@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import emit, machine  # noqa: E402
+from bench.common import add_data_argument, checked_data, emit, machine  # noqa: E402
 from datasets.loader import build_dataset, build_loader  # noqa: E402
 from engine import Trainer, micro_batches, train_step  # noqa: E402
 from models import build_model  # noqa: E402
@@ -42,7 +42,7 @@ def percentile_row(label: str, norms: np.ndarray, losses: np.ndarray) -> str:
 
 def run(args: argparse.Namespace) -> tuple[list[str], dict[str, float]]:
     """Train args.steps steps without clipping; markdown lines and figures (the percentiles of both windows)."""
-    overrides = [f"data.root={args.root}", f"model.arch={args.arch}", f"data.img_size={args.size}",
+    overrides = [f"data.root={args.data}", f"model.arch={args.arch}", f"data.img_size={args.size}",
                  "data.multiscale=null", "data.workers=1", f"train.batch_size={args.batch}", "train.subdivisions=1",
                  f"train.steps={args.steps}", "train.amp=fp32", "train.ema=false", "train.clip_grad_norm=null",
                  *args.overrides]
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> tuple[list[str], dict[str, float]]:
     w = min(args.window, len(norms))
     start_weights = f"from {args.weights}" if args.weights else "from a seeded initialisation"
     lines = [f"Machine: {machine(device)}", "",
-             f"{cfg.model.arch} {start_weights}, {len(dataset)} train images of {args.root} at {args.size}, batch "
+             f"{cfg.model.arch} {start_weights}, {len(dataset)} train images of {args.data} at {args.size}, batch "
              f"{args.batch}, {cfg.train.optimizer} lr {cfg.train.lr} burn-in {cfg.train.burn_in}, args.yaml's "
              f"augmentation, fp32, no clipping; {len(norms)} steps in {seconds:.0f} s", "",
              "| steps | mean loss | min | p10 | p50 | p90 | p99 | max |", "|---|---|---|---|---|---|---|---|",
@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> tuple[list[str], dict[str, float]]:
 def main() -> None:
     """Parse arguments, run, print markdown (and write the figures as JSON with --json)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", default="../shared/data/coco_mini")
+    add_data_argument(parser)
     parser.add_argument("--arch", default="yolov3-tiny")
     parser.add_argument("--size", type=int, default=320)
     parser.add_argument("--batch", type=int, default=4)
@@ -97,8 +97,7 @@ def main() -> None:
                         help="args.yaml overrides (after the script's own)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args()
-    if not Path(args.root).is_dir():
-        raise SystemExit(f"error: --root {args.root}: no such folder")
+    checked_data(args.data)
     lines, figures = run(args)
     emit(lines, figures, args.json)
 

@@ -3,9 +3,9 @@ backbone prefix (yolov3-tiny.conv.15, cut from the full file) and from the full 
 pycocotools on held-out images (the run's last evaluation = its last.pt).
 
     MALLOC_MMAP_THRESHOLD_=1000000000 MALLOC_TRIM_THRESHOLD_=1000000000 \\
-        .venv/bin/python bench/own_data.py --weights ../shared/weights/yolov3-tiny.weights --minutes 5
+        .venv/bin/python bench/own_data.py --data DIR --weights yolov3-tiny.weights --minutes 5
 
-Datasets: ../shared/data/robot_indoor (64 train / 21 val photos, 30 classes) and "coco_mini-3", coco_mini
+Datasets, under --data: robot_indoor/ (64 train / 21 val photos, 30 classes) and "coco_mini-3", coco_mini/
 reduced to person, book and toilet (its 50 train2017 images to train, its 50 val2017 images held out: Darknet's
 COCO training left val2017's images out, so the held-out images are new to the full file too).
 """
@@ -69,17 +69,21 @@ def run(root: Path, classes: int, start: Path | None, minutes: float, logs: Path
 def main() -> None:
     """Cut the prefix, run the six trainings, print the table."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, metavar="DIR",
+                        help="the folder holding robot_indoor/ and coco_mini/ (COCO-format sets)")
     parser.add_argument("--weights", type=Path, required=True, help="the full COCO-trained yolov3-tiny.weights")
     parser.add_argument("--minutes", type=float, default=5.0)
     parser.add_argument("--work", type=Path, default=Path("/tmp/own_data"))
     parser.add_argument("--datasets", nargs="+", default=["robot_indoor", "coco_mini-3"])
     args = parser.parse_args()
+    missing = [name for name in ("robot_indoor", "coco_mini") if not (args.data / name).is_dir()]
+    if missing:
+        raise SystemExit(f"error: --data {args.data}: no {' or '.join(missing)} folder in it")
     args.work.mkdir(parents=True, exist_ok=True)
     prefix = args.work / "yolov3-tiny.conv.15"
     cut_prefix(args.weights, prefix, "yolov3-tiny")
-    shared = ROOT.parent / "shared" / "data"
-    sets = {"robot_indoor": (shared / "robot_indoor", 30),
-            "coco_mini-3": (coco_subset(shared / "coco_mini", args.work / "coco_mini-3", COCO3), len(COCO3))}
+    sets = {"robot_indoor": (args.data / "robot_indoor", 30),
+            "coco_mini-3": (coco_subset(args.data / "coco_mini", args.work / "coco_mini-3", COCO3), len(COCO3))}
     print(machine(torch.device("cpu")))
     print("| data | start | steps fitted | minutes | AP | AP50 |\n|---|---|---|---|---|---|", flush=True)
     rows = []

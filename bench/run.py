@@ -1,8 +1,8 @@
 """Run every bench/ script, print one summary table against the project's goals, and optionally record it.
 
-    .venv/bin/python bench/run.py                    # CPU: model, loss, post-processing, data pipeline, evaluation
-    .venv/bin/python bench/run.py --device cuda      # GPU: AMP training, inference FPS, loader with all cores
-    .venv/bin/python bench/run.py --write            # also write this machine kind's section of BENCHMARKS.md
+    .venv/bin/python bench/run.py --data DIR                 # CPU: model, loss, post-processing, data, evaluation
+    .venv/bin/python bench/run.py --data DIR --device cuda   # GPU: AMP training, inference FPS, loader with all cores
+    .venv/bin/python bench/run.py --data DIR --write         # also write this machine kind's section of BENCHMARKS.md
 
 Each script runs in its own process with glibc malloc pinned (MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ set
 to 1e9 unless already set): without it, page faults on fresh conv buffers swing CPU timings by 30-40%.
@@ -138,8 +138,8 @@ def main() -> None:
     """Run the scripts, print the report, write it into BENCHMARKS.md with --write."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--data", default="../shared/data/coco_mini", help="COCO-format data for the data and "
-                        "evaluation benches")
+    parser.add_argument("--data", required=True, metavar="DIR", help="COCO-format data for the data and evaluation "
+                        "benches (images/ and annotations/ as datasets/get_coco.sh writes them)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--size", type=int, default=416, help="input size of every bench (the goals are at 416)")
     parser.add_argument("--write", action="store_true", help="write the report into this machine kind's section of "
@@ -154,10 +154,10 @@ def main() -> None:
     plan = [("model.py", "Model, training step, loss, post-processing",
              ["--device", args.device, "--repeats", str(args.repeats), "--size", str(args.size),
               *(["--compile"] if args.compile else [])]),
-            ("data_pipeline.py", "Data pipeline", ["--root", args.data, "--repeats", str(args.repeats),
+            ("data_pipeline.py", "Data pipeline", ["--data", args.data, "--repeats", str(args.repeats),
                                                    "--size", str(args.size), "--workers", *workers])]
     if args.device == "cpu":
-        plan.append(("evaluation.py", "Evaluation time split", ["--root", args.data, "--size", str(args.size)]))
+        plan.append(("evaluation.py", "Evaluation time split", ["--data", args.data, "--size", str(args.size)]))
     for script, title, script_args in plan:
         print(f"running bench/{script} ...", file=sys.stderr, flush=True)
         start = time.perf_counter()
@@ -169,7 +169,8 @@ def main() -> None:
         figures["loader_scaling"] = figures["loader_2_workers_scaling"]  # paired per round, not a ratio of medians
     else:
         figures["loader_all_workers"] = figures[f"loader_{os.cpu_count()}_workers"]
-    options = (" --device cuda" if args.device == "cuda" else "") + (" --compile" if args.compile else "")
+    options = (f" --data {args.data}" + (" --device cuda" if args.device == "cuda" else "")
+               + (" --compile" if args.compile else ""))
     when = time.strftime("%Y-%m-%d %H:%M")
     block = "\n".join([f"### {'Summary' if args.device == 'cuda' else 'Goals'}, {when}", "",
                        f"Command: `{python_name()} bench/run.py{options}` (malloc pinned by the script)", "",

@@ -45,6 +45,19 @@ def test_bench_run_names_a_missing_data_folder(tmp_path):
     assert done.returncode != 0 and f"--data {tmp_path / 'nowhere'}: no such folder" in done.stderr
 
 
+@pytest.mark.parametrize("script", ["run.py", "data_pipeline.py", "own_data.py"])
+def test_bench_scripts_ask_for_data(script):
+    """No default data folder (a clone has none to point at): leaving --data out is an error that names it."""
+    done = subprocess.run([sys.executable, f"bench/{script}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "the following arguments are required: --data" in done.stderr, done.stderr
+
+
+def test_bench_script_names_a_missing_data_folder(tmp_path):
+    done = subprocess.run([sys.executable, "bench/evaluation.py", "--data", str(tmp_path / "nowhere")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and f"error: --data {tmp_path / 'nowhere'}: no such folder" in done.stderr
+
+
 PAGE = f"""# Benchmarks
 
 intro
@@ -111,7 +124,7 @@ def test_machine_kind_is_model_cores_and_isa_class(monkeypatch):
 
 @pytest.mark.slow
 def test_grad_norms_reports_both_windows_and_the_limits():
-    done = subprocess.run([sys.executable, "bench/grad_norms.py", "--root", str(DATA / "coco"), "--size", "64",
+    done = subprocess.run([sys.executable, "bench/grad_norms.py", "--data", str(DATA / "coco"), "--size", "64",
                            "--steps", "4", "--window", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     report = done.stdout

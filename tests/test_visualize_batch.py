@@ -45,6 +45,9 @@ def test_missing_dataset_names_folder_script_and_demo(tmp_path):
 
 
 def test_plots_class_colours_are_stable_and_distinct():
-    assert class_color(3) == class_color(3)
+    # hue = class x golden ratio mod 1, saturation 0.85, value 1, x 255 truncated: class 0 is hue 0 -> (1, 0.15, 0.15);
+    # class 1 hue 0.618 (sector 3, f 0.708) -> (p, q, v) = (0.15, 0.398, 1); class 2 hue 0.236 (sector 1, f 0.416)
+    # -> (q, v, p) = (0.646, 1, 0.15). A function of the class alone, so a class has one colour in every picture.
+    assert [class_color(c) for c in range(3)] == [(255, 38, 38), (38, 101, 255), (164, 255, 38)]
     assert len({class_color(c) for c in range(80)}) == 80
     assert np.array(class_color(0)).max() == 255

@@ -1,10 +1,15 @@
 """The project's shape, read from its imports (ast, every import, also those inside functions): no cycle between
-modules, and every arrow goes down the layers of ../shared/DESIGN.md.
+modules, and every arrow goes down the layers of docs/DESIGN.md.
 
     utils/                          shared by every layer; imports nothing of ours above it
     models/   datasets/             models know no datasets, datasets know no network
-    engine.py inference.py          the training step / evaluation, and the inference tools' glue
+    engine/                         training, the one prediction / evaluation path
+    inference.py                    the inference tools' glue (may call engine's prediction path)
     scripts (main.py, ...) tools/ bench/ reliability/    import anything below; nothing imports a script
+
+Packages and scripts are found on disk, not listed: a new top-level package (or a module that becomes a package, as
+engine.py became engine/) is in the graph at once, and one that has no layer here fails
+test_every_package_has_a_layer until it is given one.
 """
 from __future__ import annotations
 
@@ -14,23 +19,38 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = {"main", "validation", "detect", "visualization", "export", "batch_overfit"}
-LAYER = {"utils": 0, "models": 1, "datasets": 1, "engine": 2, "inference": 2, "tools": 3, "bench": 3,
-         "reliability": 3, **dict.fromkeys(SCRIPTS, 3)}
-OURS = set(LAYER)
+NOT_CODE = {"tests", "logs", "data"}  # tests, run folders, datasets (a folder without .py files, as configs/, is none)
+LIBRARY = [{"utils"}, {"models", "datasets"}, {"engine"}, {"inference"}]  # layers 0..3, from the bottom
+APPS = {"tools", "bench", "reliability"}  # the top layer with the scripts: independent of each other
 
 
-def module_name(path: Path) -> str:
+def top_level(root: Path) -> tuple[set[str], set[str]]:
+    """(packages, scripts) of the repository at `root`: folders holding Python files (hidden ones and NOT_CODE left
+    out), and top-level .py files that are not a library module (main.py, validation.py, ...)."""
+    packages = {d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name not in NOT_CODE
+                and any(d.glob("*.py"))}
+    library = set().union(*LIBRARY)
+    return packages, {p.stem for p in root.glob("*.py")} - library
+
+
+def layers(root: Path = ROOT) -> dict[str, int]:
+    """Top-level name -> layer: LIBRARY's from 0 up, then APPS and every script one above."""
+    _, scripts = top_level(root)
+    table = {name: i for i, names in enumerate(LIBRARY) for name in names}
+    return {**table, **dict.fromkeys(APPS | scripts, len(LIBRARY))}
+
+
+def module_name(path: Path, root: Path = ROOT) -> str:
     """models/yolo.py -> models.yolo; models/__init__.py -> models."""
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    parts = list(path.relative_to(root).with_suffix("").parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def project_modules() -> dict[str, Path]:
-    """Every module of ours, by dotted name (tests, logs and the venv left out)."""
-    paths = [p for p in ROOT.glob("*.py")] + [p for top in OURS if (ROOT / top).is_dir()
-                                               for p in (ROOT / top).rglob("*.py")]
-    return {module_name(p): p for p in paths}
+def project_modules(root: Path = ROOT) -> dict[str, Path]:
+    """Every module of ours, by dotted name: top-level files and everything under each package."""
+    packages, _ = top_level(root)
+    paths = [*root.glob("*.py"), *(p for top in packages for p in (root / top).rglob("*.py"))]
+    return {module_name(p, root): p for p in paths}
 
 
 def imports_of(path: Path, modules: set[str]) -> set[str]:
@@ -52,9 +72,9 @@ def imports_of(path: Path, modules: set[str]) -> set[str]:
     return found
 
 
-def import_graph() -> dict[str, set[str]]:
+def import_graph(root: Path = ROOT) -> dict[str, set[str]]:
     """module -> the modules of ours it imports (itself left out)."""
-    modules = project_modules()
+    modules = project_modules(root)
     return {name: imports_of(path, set(modules)) - {name} for name, path in modules.items()}
 
 
@@ -77,21 +97,29 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return next((cycle for node in sorted(graph) if colour[node] == 0 and (cycle := visit(node))), None)
 
 
-def forbidden_arrows(graph: dict[str, set[str]]) -> list[str]:
-    """Every import that goes up or sideways where DESIGN.md forbids it."""
-    bad = []
+def forbidden_arrows(graph: dict[str, set[str]], root: Path = ROOT) -> list[str]:
+    """Every import that goes up or sideways where DESIGN.md forbids it, or touches a package with no layer."""
+    layer, (_, scripts) = layers(root), top_level(root)
+    top_layer, bad = len(LIBRARY), []
     for source, targets in graph.items():
         top = source.split(".")[0]
         for target in targets:
             other = target.split(".")[0]
-            if other in SCRIPTS:
+            if top not in layer or other not in layer:
+                bad.append(f"{source} -> {target}: {top if top not in layer else other} has no layer")
+            elif other in scripts:
                 bad.append(f"{source} -> {target}: nothing imports a script")
-            elif LAYER[other] > LAYER[top] or (LAYER[other] == LAYER[top] and other != top and LAYER[top] < 3):
-                bad.append(f"{source} -> {target}: {top} (layer {LAYER[top]}) may not import {other} "
-                           f"(layer {LAYER[other]})")
-            elif LAYER[top] == 3 and LAYER[other] == 3 and other != top:
+            elif layer[other] > layer[top] or (layer[other] == layer[top] and other != top and layer[top] < top_layer):
+                bad.append(f"{source} -> {target}: {top} (layer {layer[top]}) may not import {other} "
+                           f"(layer {layer[other]})")
+            elif layer[top] == layer[other] == top_layer and other != top:
                 bad.append(f"{source} -> {target}: tools, bench and reliability are independent of each other")
     return sorted(bad)
+
+
+def test_every_package_has_a_layer():
+    packages, _ = top_level(ROOT)
+    assert packages - set(layers()) == set(), "give each new package a layer in tests/test_layering.py"
 
 
 def test_no_import_cycle():
@@ -104,9 +132,47 @@ def test_every_import_goes_down_the_layers():
 
 def test_the_graph_sees_the_real_imports():
     graph = import_graph()
-    assert {"engine", "datasets.loader", "models"} <= graph["main"]
-    assert "models.loss" in graph["engine"]  # a from-import of a name
-    assert "utils.augmentations" in graph["utils.config"]  # an import inside a function
+    tops = {name.split(".")[0] for name in graph}
+    assert {"utils", "models", "datasets", "engine", "inference", "main", "tools", "bench", "reliability"} <= tops
+    below_engine = set().union(*(targets for name, targets in graph.items() if name.split(".")[0] == "engine"))
+    assert {"models", "datasets", "utils"} <= {t.split(".")[0] for t in below_engine}
+    assert {"engine", "datasets", "models"} <= {t.split(".")[0] for t in graph["main"]}
+
+
+def write_tree(root: Path, files: dict[str, str]) -> Path:
+    """A small repository: relative path -> source."""
+    for relative, source in files.items():
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        (root / relative).write_text(source)
+    return root
+
+
+def test_the_graph_reads_every_kind_of_import(tmp_path):
+    root = write_tree(tmp_path, {
+        "models/__init__.py": "def build_model(): ...\n", "models/loss.py": "", "utils/__init__.py": "",
+        "utils/boxes.py": "", "datasets/__init__.py": "", "datasets/loader.py": "",
+        "engine/__init__.py": "", "engine/optim.py": "import utils.boxes\n",
+        "engine/train.py": ("from models import build_model\nfrom models import loss\nfrom engine.optim import x\n"
+                            "def f():\n    from datasets import loader  # inside a function\n"),
+        "main.py": "import engine.train\nimport torch\n",
+    })
+    graph = import_graph(root)
+    assert graph["engine.train"] == {"models", "models.loss", "engine.optim", "datasets.loader"}
+    assert graph["engine.optim"] == {"utils.boxes"} and graph["main"] == {"engine.train"}
+    assert forbidden_arrows(graph, root) == [] and find_cycle(graph) is None
+
+
+def test_a_circle_inside_a_new_package_and_a_package_without_a_layer_fail(tmp_path):
+    root = write_tree(tmp_path, {
+        "engine/__init__.py": "", "engine/train.py": "from engine.optim import build\n",
+        "engine/optim.py": "def f():\n    from engine.train import step\n",
+        "newpkg/__init__.py": "import engine.train\n", "main.py": "import newpkg\n",
+    })
+    graph = import_graph(root)
+    assert find_cycle(graph) == ["engine.optim", "engine.train", "engine.optim"]
+    assert forbidden_arrows(graph, root) == ["main -> newpkg: newpkg has no layer",
+                                             "newpkg -> engine.train: newpkg has no layer"]
+    assert top_level(root)[0] - set(layers(root)) == {"newpkg"}
 
 
 @pytest.mark.parametrize("graph, cycle", [
@@ -122,8 +188,11 @@ def test_find_cycle_finds_a_known_circle(graph, cycle):
 
 def test_forbidden_arrows_names_the_old_ones():
     old = {"utils.config": {"models"}, "reliability.kill_resume": {"main"}, "utils.inference": {"datasets.transforms"},
-           "models.yolo": {"utils.config"}}
+           "models.yolo": {"utils.config"}, "engine.evaluate": {"inference"}, "inference": {"engine.evaluate"},
+           "bench.model": {"tools.anchors"}}
     assert forbidden_arrows(old) == [
+        "bench.model -> tools.anchors: tools, bench and reliability are independent of each other",
+        "engine.evaluate -> inference: engine (layer 2) may not import inference (layer 3)",
         "reliability.kill_resume -> main: nothing imports a script",
         "utils.config -> models: utils (layer 0) may not import models (layer 1)",
         "utils.inference -> datasets.transforms: utils (layer 0) may not import datasets (layer 1)",

@@ -1,4 +1,4 @@
-"""YOLOv3 models: `build_model` is the one entry point (see ../shared/DESIGN.md, Model)."""
+"""YOLOv3 models: `build_model` is the one entry point (see docs/DESIGN.md, Model)."""
 from __future__ import annotations
 
 from pathlib import Path

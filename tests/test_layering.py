@@ -122,6 +122,16 @@ def test_every_package_has_a_layer():
     assert packages - set(layers()) == set(), "give each new package a layer in tests/test_layering.py"
 
 
+def test_nothing_outside_tests_and_bench_names_a_folder_beside_the_clone():
+    """A clone has no `../shared` (the development machines' data and weights): README, docs/DESIGN.md, the Makefile,
+    the configs and the code outside tests/ and bench/ (whose records name it) must work without it."""
+    packages, _ = top_level(ROOT)
+    files = [ROOT / "README.md", ROOT / "docs" / "DESIGN.md", ROOT / "Makefile", *ROOT.glob("*.yaml"),
+             *ROOT.glob("configs/*.yaml"), *ROOT.glob("*.py"),
+             *(p for top in packages - {"bench"} for p in (ROOT / top).rglob("*.py"))]
+    assert [str(f.relative_to(ROOT)) for f in files if f.is_file() and "../shared" in f.read_text()] == []
+
+
 def test_no_import_cycle():
     assert find_cycle(import_graph()) is None
 

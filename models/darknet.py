@@ -100,6 +100,15 @@ class DarknetHeader:
         return self.major * 10 + self.minor >= 2 and self.major < 1000 and self.minor < 1000
 
 
+class DarknetSizeError(ValueError):
+    """A .weights file whose number of float32 values fits no part of the model; `values` is that number (with
+    Darknet's header), `five_int32` whether the 20-byte header variant was tried too (one value fewer)."""
+
+    def __init__(self, message: str, values: int, five_int32: bool) -> None:
+        super().__init__(message)
+        self.values, self.five_int32 = values, five_int32
+
+
 def conv_layer_tensors(layer: nn.Module) -> list[torch.Tensor]:
     """The tensors of one Darknet conv layer in file order: BN bias, scale, mean, var, weights; or bias, weights."""
     if isinstance(layer, ConvBNLeaky):
@@ -167,8 +176,9 @@ def load_darknet_weights(layers: list[nn.Module], path: str | Path,
         expected = ", ".join(f"{size:,} for the {name} ({parts[name]} conv layers)" for name, size in sizes.items())
         tried = (f" ({values.size - 1:,} if the header is the 20-byte five-int32 variant some PyTorch ports write; "
                  "that fits neither)") if five_int32 else ""
-        raise ValueError(f"{path}: holds {values.size:,} float32 weights{tried}, but this model expects {expected}. "
-                         "Is it the file for this architecture and number of classes?")
+        raise DarknetSizeError(f"{path}: holds {values.size:,} float32 weights{tried}, but this model expects "
+                               f"{expected}. Is it the file for this architecture and number of classes?",
+                               values.size, five_int32)
     part = matches[0]
 
     offset = 0

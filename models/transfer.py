@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from models import YOLO, build_model
-from models.darknet import conv_layer_tensors, save_darknet_weights
+from models.darknet import DarknetSizeError, conv_layer_tensors, save_darknet_weights
 from models.yolo import HeadOutput
 from utils.checkpoint import CheckpointError, checkpoint_weights, load_checkpoint
 from utils.config import ENCODERS, Config, ConfigError, ModelConfig, config_from_dict
@@ -157,42 +157,78 @@ def start_from(model: YOLO, path: str | Path, names: Sequence[str] | None,
     return transfer_state(model, source.state_dict(), source.num_classes, source_names, names, summary)
 
 
+def darknet_part_sizes(arch: str, num_classes: int) -> dict[str, int]:
+    """The float32 values a Darknet .weights file of `arch` holds: {"full <arch> (<n> classes)": count, its backbone
+    prefix's name: count}."""
+    with torch.device("meta"):  # sizes only: no memory, no init
+        model = build_model(arch, "darknet53", max(num_classes, 1))
+    layers = model.darknet_layers()
+    parts = {f"full {arch} ({num_classes} classes)": len(layers), **model.darknet_prefixes}
+    return {name: sum(t.numel() for layer in layers[:count] for t in conv_layer_tensors(layer))
+            for name, count in parts.items()}
+
+
 def darknet_file_kind(path: Path, num_classes: int) -> str | None:
     """Which Darknet model (or backbone prefix) with `num_classes` classes a .weights file's size fits, if any."""
     floats = (path.stat().st_size - 16) // 4
     for arch in ENCODERS:
-        with torch.device("meta"):  # sizes only: no memory, no init
-            model = build_model(arch, "darknet53", max(num_classes, 1))
-        layers = model.darknet_layers()
-        parts = {f"full {arch} ({num_classes} classes)": len(layers), **model.darknet_prefixes}
-        for name, count in parts.items():
-            size = sum(t.numel() for layer in layers[:count] for t in conv_layer_tensors(layer))
+        for name, size in darknet_part_sizes(arch, num_classes).items():
             if floats - size in (0, 1):  # header of 16 or 20 bytes
                 return name
     return None
 
 
+def fits_nothing(path: Path, error: DarknetSizeError, arch: str, class_counts: dict[int, str]) -> str:
+    """The one message for a Darknet file that fits nothing start_from tried: its size, then each candidate with
+    the float32 weights it holds (`arch` with each of `class_counts` {count: whose} and its backbone prefix; the
+    other architectures with the first count), then the likely cause."""
+    groups, sizes = [], []
+    for name in [arch, *(a for a in ENCODERS if a != arch)]:
+        counts = class_counts if name == arch else dict(list(class_counts.items())[:1])
+        parts = {count: darknet_part_sizes(name, count) for count in counts}  # {full name: n, prefix name: n}
+        items = [(f"with {whose} {count} classes", next(iter(parts[count].values())))
+                 for count, whose in counts.items()]
+        prefix, prefix_size = list(parts[next(iter(counts))].items())[1]  # the same whatever the class count
+        items.append((f"its backbone {prefix}", prefix_size))
+        groups.append(f"{name} " + ", ".join(f"{what} {n:,}" for what, n in items))
+        sizes += [n for _, n in items]
+    listing = groups[0] + "".join(f"; another architecture: {group}" for group in groups[1:])
+    variant = f" ({error.values - 1:,} after the 20-byte header some PyTorch ports write)" if error.five_int32 else ""
+    text = (f"{path}: its {error.values:,} float32 weights{variant} fit no Darknet file this config can start from. "
+            f"Tried, with the float32 weights each holds: {listing}.")
+    if error.values < min(sizes):
+        return f"{text} The file is smaller than all of them: truncated (an interrupted download or copy?)"
+    return f"{text} Is it the file of another model (model.arch, model.num_classes), or damaged?"
+
+
 def _start_from_darknet(model: YOLO, path: Path, names: Sequence[str] | None,
                         darknet_names: Sequence[str] | None) -> Transfer:
-    """start_from for a Darknet file: the full model with darknet_names' classes, else what fits `model` itself."""
-    errors = []
+    """start_from for a Darknet file: the full model with darknet_names' classes, else what fits `model` itself.
+
+    Only a size that fits no part is tried again with the other class count; errors of the file itself (its header,
+    a partial float) are raised at once. A file that fits nothing is reported once, naming every candidate
+    (`fits_nothing`): one message per attempt read as two near-identical sentences (issue 21).
+    """
+    class_counts = {model.num_classes: "this config's"}
     if darknet_names is not None and len(darknet_names) != model.num_classes:
+        class_counts = {len(darknet_names): "COCO's", **class_counts}
         source = build_model(model.arch, model.encoder_name, len(darknet_names),
                              model.anchors.tolist())
         try:
             if source.load_darknet_weights(path) == "full model":
                 summary = Transfer(f"{path} (Darknet {model.arch}, {len(darknet_names)} classes)")
                 return transfer_state(model, source.state_dict(), len(darknet_names), darknet_names, names, summary)
-        except ValueError as e:
-            errors.append(str(e))
+        except DarknetSizeError:
+            pass  # the model's own class count is tried next; the message names both
     try:
         part = model.load_darknet_weights(path)
-    except ValueError as e:
-        if fits := darknet_file_kind(path, len(darknet_names or ())):
+    except DarknetSizeError as e:
+        coco_classes = len(darknet_names) if darknet_names is not None else model.num_classes
+        if fits := darknet_file_kind(path, coco_classes):
             raise ValueError(f"{path} is Darknet's {fits}, but this config builds {model.arch}/"
                              f"{model.encoder_name} with {model.num_classes} classes: use weights of the same "
                              "architecture (model.arch / model.encoder)") from e
-        raise ValueError(" ".join([*errors, str(e)])) from e
+        raise ValueError(fits_nothing(path, e, model.arch, class_counts)) from e
     summary = Transfer(f"{path} (Darknet {part})")
     layers = model.darknet_layers()[:model.darknet_prefixes.get(part, len(model.darknet_layers()))]
     summary.loaded = sum(len(list(layer.parameters())) + len(list(layer.buffers())) for layer in layers)

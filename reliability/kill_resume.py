@@ -59,6 +59,8 @@ def run_until(command: list[str], kill_after_step: int | None, delay: float, tim
                     break
         lines.extend(process.stdout)  # the rest, up to the process's death
         code = process.wait()
+        # steps logged during the delay before the kill count too: the run may have checkpointed them
+        last = max([last, *(int(m[1]) for m in map(STEP_LINE.search, lines) if m)])
     finally:
         timed_out = not watchdog.is_alive()
         watchdog.cancel()

@@ -12,9 +12,9 @@ import argparse
 
 import torch
 
-from datasets.coco import CocoDetection, DatasetError, collate
+from datasets.coco import DatasetError, collate
 from datasets.coco_eval import coco_evaluate, to_coco_rows
-from datasets.transforms import Preprocess
+from datasets.loader import dataset_for_model
 from models import build_model
 from models.loss import build_loss
 from models.postprocess import postprocess, to_original_pixels
@@ -30,14 +30,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args, cfg, device = parse_cli(parser, argv)
     if args.steps < 1 or args.images < 1:
         parser.error(f"--steps and --images must be at least 1, got {args.steps} and {args.images}")
-    images_dir, annotations = cfg.data.split_paths("train")
     try:
-        dataset = CocoDetection(images_dir, annotations, Preprocess(), cfg.data.img_size, cfg.data.skip_bad_images)
+        dataset = dataset_for_model(cfg, "train", augment=False)
     except (DatasetError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from e
-    if len(dataset.class_names) != cfg.model.num_classes:
-        raise SystemExit(f"error: {annotations} has {len(dataset.class_names)} categories but model.num_classes is "
-                         f"{cfg.model.num_classes}")
     chosen = [i for i, image_id in enumerate(dataset.ids) if len(dataset.object_boxes(image_id))][:args.images]
     images, targets, metas = collate([dataset[i] for i in chosen])
     images, targets = images.to(device), targets.to(device)
@@ -47,7 +43,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                         cfg.model.pretrained, cfg.model.pretrained_path).to(device).train()
     loss_fn = build_loss(model, cfg.loss)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
-    print(f"overfitting {len(chosen)} images ({len(targets)} boxes) of {annotations} at {cfg.data.img_size} px, "
+    print(f"overfitting {len(chosen)} images ({len(targets)} boxes) of {dataset.ann_file} at {cfg.data.img_size} px, "
           f"{cfg.model.arch}/{cfg.model.encoder}, {args.steps} steps on {device}")
     for step in range(1, args.steps + 1):
         loss, terms = loss_fn(model(images), targets)

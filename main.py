@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from datasets.coco import CocoDetection, DatasetError
 from datasets.coco_names import COCO_NAMES
-from datasets.loader import LoaderError, build_dataset, build_loader
+from datasets.loader import LoaderError, build_loader, dataset_for_model
 from engine import (
     BadStepCounter,
     EvalResult,
@@ -85,15 +85,9 @@ def training_data(cfg: Config, world: int, device: torch.device
     """The training set, its loader (this rank's share of each micro-batch) and the validation loader; a dataset
     that does not fit the config stops with one line."""
     try:
-        train_set, val_set = build_dataset(cfg, "train"), build_dataset(cfg, "val")
+        train_set, val_set = dataset_for_model(cfg, "train"), dataset_for_model(cfg, "val")
     except (DatasetError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from e
-    if cfg.eval.subset:
-        val_set.ids = val_set.ids[:cfg.eval.subset]
-    if len(train_set.class_names) != cfg.model.num_classes:
-        raise SystemExit(f"error: {train_set.ann_file} has {len(train_set.class_names)} categories but "
-                         f"model.num_classes is {cfg.model.num_classes}; set --set model.num_classes="
-                         f"{len(train_set.class_names)}")
     if cfg.train.micro_batch_size % world:
         raise SystemExit(f"error: the micro-batch (train.batch_size / train.subdivisions = "
                          f"{cfg.train.micro_batch_size}) must divide over {world} processes")

@@ -18,7 +18,7 @@ import numpy as np
 
 from datasets.coco import DatasetError
 from datasets.coco_eval import coco_evaluate, rows_to_json, save_json
-from datasets.loader import LoaderError, build_dataset, build_loader
+from datasets.loader import LoaderError, build_loader, dataset_for_model
 from engine import evaluate
 from inference import add_speed_args, amp_mode, tool_ready_for_inference
 from models.transfer import load_model
@@ -57,14 +57,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: --conf {max(args.conf)}: thresholds must be in [0, 1)")
     try:
         model, cfg = load_model(args.weights, cfg)
-        dataset = build_dataset(cfg, "val")
+        dataset = dataset_for_model(cfg, "val", model=str(args.weights))
     except (CheckpointError, DatasetError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from e
-    if cfg.eval.subset:
-        dataset.ids = dataset.ids[:cfg.eval.subset]
-    if model.num_classes != len(dataset.class_names):
-        raise SystemExit(f"error: {args.weights} predicts {model.num_classes} classes but {dataset.ann_file} has "
-                         f"{len(dataset.class_names)} categories")
     if not args.no_fuse:
         model.fuse()
     loader = build_loader(cfg, dataset, train=False, batch_size=cfg.eval.batch_size, device=device)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy as copy_module
-import dataclasses
 import math
 import statistics
 import sys
@@ -96,7 +95,7 @@ def loader_rate(cfg, dataset, workers: int, batches_per_worker: int = 12, batch:
     """Images/s delivered by a DataLoader with `workers` processes in steady state: timed from the arrival of
     every worker's first batch (their start-up) over the next `batches_per_worker` batches of each worker, within one
     epoch."""
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, workers=workers))
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"workers": workers})})
     batch = min(batch, len(dataset))  # a small set still makes one full batch
     per_round = max(workers, 1)
     loader = build_loader(cfg, repeated(dataset, (batches_per_worker + 2) * per_round * batch), train=True,

@@ -1,7 +1,6 @@
 """From config to DataLoader: datasets per split, multi-scale batches, seeded workers."""
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import random
@@ -155,8 +154,9 @@ def ignore_foreign_sigterm(trainer: int) -> None:
     threading.Thread(target=wait, name="sigterm-filter", daemon=True).start()
 
 
-def build_dataset(cfg: Config, split: str) -> CocoDetection:
-    """The dataset of split "train" (augmented) or "val" (letterbox only), from cfg.data (and cfg.augment)."""
+def build_dataset(cfg: Config, split: str, augment: bool = True) -> CocoDetection:
+    """The dataset of split "train" (augmented by cfg.augment unless `augment` is False) or "val" (letterbox only),
+    from cfg.data."""
     images, annotations = cfg.data.split_paths(split)
     if not images.is_dir() or not annotations.is_file():
         missing = images if not images.is_dir() else annotations
@@ -167,10 +167,25 @@ def build_dataset(cfg: Config, split: str) -> CocoDetection:
             f"data.root / data.{split}_images / data.{split}_annotations at your COCO-format data.")
     # validation keeps every box: it is scored against the annotation file, not against these targets
     preprocess = Preprocess()
-    if split == "train":
-        augmentation = build_augmentation(dataclasses.asdict(cfg.augment), cfg.data.min_box_size, cfg.train.seed)
+    if split == "train" and augment:
+        augmentation = build_augmentation(cfg.augment.model_dump(), cfg.data.min_box_size, cfg.train.seed)
         preprocess = Preprocess(augmentation, cfg.data.min_box_size)
     return CocoDetection(images, annotations, preprocess, cfg.data.img_size, cfg.data.skip_bad_images)
+
+
+def dataset_for_model(cfg: Config, split: str, augment: bool = True, model: str = "model.num_classes"
+                      ) -> CocoDetection:
+    """build_dataset for a model of cfg.model.num_classes classes: the validation split cut to its first eval.subset
+    images, and a DatasetError when the annotation file's categories are not one per class (`model` names the
+    model in it: the config key, or the weights file that fixed the class count)."""
+    dataset = build_dataset(cfg, split, augment)
+    if split == "val" and cfg.eval.subset:
+        dataset.ids = dataset.ids[:cfg.eval.subset]
+    if len(dataset.class_names) != cfg.model.num_classes:
+        fix = f"; set --set model.num_classes={len(dataset.class_names)}" if model == "model.num_classes" else ""
+        raise DatasetError(f"the model ({model}) predicts {cfg.model.num_classes} classes but {dataset.ann_file} has "
+                           f"{len(dataset.class_names)} categories{fix}")
+    return dataset
 
 
 def train_sizes(cfg: Config) -> list[int]:

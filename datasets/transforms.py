@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import torch
 
-from utils.augmentations import AUGMENTATIONS, PAD_VALUE, make_augmentation
+from datasets.augmentations import AUGMENTATIONS, PAD_VALUE, make_augmentation
 
 
 def build_augmentation(augment: dict[str, dict[str, Any]], min_box_size: float, seed: int) -> A.Compose | None:

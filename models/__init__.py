@@ -5,8 +5,8 @@ from pathlib import Path
 
 from models.darknet import Darknet53
 from models.mobilenet import MobileNetV3Encoder
+from models.tables import DARKNET_ANCHORS, ENCODERS, model_problem
 from models.yolo import YOLO, YOLOv3, YOLOv3Tiny
-from utils.config import DARKNET_ANCHORS, ENCODERS, model_problem
 
 __all__ = ["DARKNET_ANCHORS", "ENCODERS", "YOLO", "build_model"]
 

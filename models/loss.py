@@ -94,7 +94,7 @@ class YOLOLoss(nn.Module):
                  num_classes: int, ignore_threshold: float = 0.7, xy_weight: float = 1.0, wh_weight: float = 1.0,
                  obj_weight: float = 1.0, cls_weight: float = 1.0) -> None:
         super().__init__()
-        # anchors, masks and strides come from the model (utils/config.py's tables, checked there); not re-checked
+        # anchors, masks and strides come from the model (models/tables.py, checked by build_model); not re-checked
         anchors = torch.as_tensor(anchors, dtype=torch.float32).detach().clone().cpu()
         self.masks = tuple(tuple(int(i) for i in mask) for mask in masks)
         self.strides = tuple(int(s) for s in strides)

@@ -2,7 +2,6 @@
 number of classes: the transfer that fine-tuning on your own data starts with."""
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,9 +10,10 @@ import torch
 
 from models import YOLO, build_model
 from models.darknet import DarknetSizeError, conv_layer_tensors, save_darknet_weights
+from models.tables import ENCODERS
 from models.yolo import HeadOutput
 from utils.checkpoint import CheckpointError, checkpoint_weights, load_checkpoint
-from utils.config import ENCODERS, Config, ConfigError, ModelConfig, config_from_dict
+from utils.config import Config, ConfigError, ModelConfig, config_from_dict
 
 
 def load_model(path: str | Path, cfg: Config) -> tuple[YOLO, Config]:
@@ -27,7 +27,7 @@ def load_model(path: str | Path, cfg: Config) -> tuple[YOLO, Config]:
             raise CheckpointError(f"{path} holds only the {part} backbone; evaluation needs a full model")
         return model, cfg
     model, model_cfg = model_from_checkpoint(load_checkpoint(path), path)
-    return model, dataclasses.replace(cfg, model=model_cfg)
+    return model, cfg.model_copy(update={"model": model_cfg})
 
 
 def model_from_checkpoint(state: dict, path: Path) -> tuple[YOLO, ModelConfig]:

@@ -10,7 +10,7 @@ from torch import nn
 
 from models import darknet
 from models.common import ConvBNLeaky, Normalize, fuse_conv_bn
-from utils.config import ANCHOR_MASKS, DARKNET_ANCHORS, STRIDES
+from models.tables import ANCHOR_MASKS, DARKNET_ANCHORS, STRIDES
 
 OBJECTNESS_PRIOR = 0.01  # initial sigmoid(objectness): about 1 object per 100 predictions, as in focal loss's prior
 

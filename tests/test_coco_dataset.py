@@ -245,8 +245,8 @@ def test_min_box_size_holds_without_augmentation_for_training_only(tmp_path):
         "images": [{"id": 1, "file_name": "a.png", "width": 100, "height": 100}],
         "annotations": [ann(1, 1, [10, 10, 3, 20]), ann(2, 1, [50, 50, 4, 20]), ann(3, 1, [0, 0, 50, 2], iscrowd=1)],
         "categories": [{"id": 3, "name": "a"}]}))
+    from datasets.augmentations import AUGMENTATIONS
     from datasets.loader import build_dataset
-    from utils.augmentations import AUGMENTATIONS
     from utils.config import load_config
 
     overrides = [f"data.{split}_{kind}={tmp_path / name}" for split in ("train", "val")

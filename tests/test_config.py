@@ -1,12 +1,12 @@
 """Tests for utils.config: loading, overrides, validation messages, saving, devices."""
 
 import argparse
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from pydantic import BaseModel, Field, model_validator
 
 from utils.cli import add_config_args, config_from_args, parse_cli, select_device
 from utils.config import (
@@ -14,12 +14,15 @@ from utils.config import (
     ConfigError,
     DataConfig,
     ModelConfig,
+    Section,
+    build_config,
     config_from_dict,
     config_to_dict,
+    fail,
     load_config,
     save_config,
+    yaml_load,
 )
-from utils.typed_yaml import Origin, build_section, yaml_load
 
 TINY_ANCHORS = [[10, 14], [23, 27], [37, 58], [81, 82], [135, 169], [344, 319]]
 
@@ -33,7 +36,7 @@ def write(tmp_path, text, name="args.yaml"):
 @pytest.mark.parametrize("text", ["", "# only a comment\n", "model:\ndata:\n"])
 def test_empty_file_or_groups_give_defaults(tmp_path, text):
     cfg = load_config(write(tmp_path, text))
-    assert cfg == Config(ModelConfig(), DataConfig())
+    assert cfg == Config(model=ModelConfig(), data=DataConfig())
     assert cfg.model.arch == "yolov3"
     assert cfg.model.encoder == "darknet53"
     assert cfg.model.num_classes == 80
@@ -105,18 +108,26 @@ def test_loader_leaves_non_floats_alone(text, expected):
     assert value == expected
 
 
-@dataclass
-class _Toy:
+class _ToyTrain(Section):
     lr: float = 0.1
     sizes: list[int] | None = None
 
-    def check(self, origin):
+    @model_validator(mode="after")
+    def _check(self):
         if self.lr <= 0:
-            origin.fail("lr", self.lr, "must be positive")
+            fail("lr", self.lr, "must be positive")
+        return self
 
 
-def build_toy(text, overridden=frozenset()):
-    return build_section(_Toy, yaml_load(text), Origin("toy.yaml", "train", overridden))
+class _Toy(BaseModel):
+    train: _ToyTrain = Field(default_factory=_ToyTrain)
+
+
+def build_toy(text, from_set=False):
+    """The toy's train section from `key: value` text, written in toy.yaml or given as --set train.key=value."""
+    if from_set:
+        return build_config(_Toy, {}, "toy.yaml", [f"train.{text.replace(': ', '=', 1)}"]).train
+    return build_config(_Toy, {"train": yaml_load(text)}, "toy.yaml").train
 
 
 def test_generic_checker_float_field():
@@ -144,7 +155,7 @@ def test_generic_checker_errors(text, parts):
 
 def test_generic_checker_names_set_for_overridden_key():
     with pytest.raises(ConfigError, match=r"^--set: train\.lr=True"):
-        build_toy("lr: true", frozenset({"train.lr"}))
+        build_toy("lr: true", from_set=True)
 
 
 def test_set_is_repeatable_and_extends():
@@ -262,9 +273,9 @@ def test_pretrained_path_checked_only_when_pretrained(tmp_path):
 def test_round_trip(tmp_path):
     weights = write(tmp_path, "", name="enc.pth")
     cfg = Config(
-        ModelConfig(arch="yolov3-tiny", num_classes=3, anchors=[[10.5, 14], *TINY_ANCHORS[1:]],
-                    pretrained=True, pretrained_path=str(weights)),
-        DataConfig(img_size=608),
+        model=ModelConfig(arch="yolov3-tiny", num_classes=3, anchors=[[10.5, 14], *TINY_ANCHORS[1:]],
+                          pretrained=True, pretrained_path=str(weights)),
+        data=DataConfig(img_size=608),
     )
     d = config_to_dict(cfg)
     assert d["model"]["anchors"][0] == [10.5, 14]
@@ -312,7 +323,8 @@ def test_data_paths_default_from_root_and_can_be_set_one_by_one(tmp_path):
 def test_nested_set_changes_one_augment_entry(tmp_path):
     path = write(tmp_path, "augment:\n  affine: {p: 0.3, scale: [0.5, 1.5]}\n")
     cfg = load_config(path, ["augment.affine.p=0", "augment.clahe.clip_limit=2.0"])
-    assert cfg.augment.affine == {"p": 0, "scale": [0.5, 1.5]}
+    # a file's entry changes the arguments it names (configs/ overlays); translate_percent keeps the default's
+    assert cfg.augment.affine == {"p": 0, "scale": [0.5, 1.5], "translate_percent": [-0.1, 0.1]}
     assert cfg.augment.clahe == {"p": 0.1, "clip_limit": 2.0}  # the default entry, one argument changed
     with pytest.raises(ConfigError, match=r"--set: data.img_size=416: is not a mapping"):
         load_config(path, ["data.img_size.x=1"])
@@ -338,12 +350,11 @@ def test_bad_data_augment_train_values(tmp_path, override, parts):
 
 
 ROOT = Path(__file__).resolve().parents[1]
-DARKNET_RECIPE = ROOT / "args_darknet.yaml"
+DARKNET_RECIPE = ROOT / "configs" / "darknet.yaml"
 
 
-def test_darknet_recipe_lists_every_key_and_holds_the_papers_numbers(tmp_path):
-    raw, seed = (yaml.safe_load(p.read_text()) for p in (DARKNET_RECIPE, ROOT / "args.yaml"))
-    assert {g: set(keys) for g, keys in raw.items()} == {g: set(keys) for g, keys in seed.items()}
+def test_darknet_recipe_holds_the_papers_numbers(tmp_path):
+    raw = yaml.safe_load(DARKNET_RECIPE.read_text())  # an overlay: test_config_files.py checks it holds no default
     backbone = write(tmp_path, "", name="darknet53.conv.74")
     cfg = load_config(DARKNET_RECIPE, [f"model.pretrained_path={backbone}"])
     train = cfg.train  # yolov3.cfg [net]: batch, momentum, decay, learning_rate, burn_in, max_batches, steps, scales
@@ -367,6 +378,6 @@ def test_darknet_recipe_lists_every_key_and_holds_the_papers_numbers(tmp_path):
 
 def test_darknet_recipe_without_the_backbone_names_the_download_script(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # models/weights/darknet53.conv.74 is relative: absent here even after a download
-    with pytest.raises(ConfigError, match=r"args_darknet.yaml: model.pretrained_path='models/weights/darknet53.conv."
+    with pytest.raises(ConfigError, match=r"configs/darknet.yaml: model.pretrained_path='models/weights/darknet53.conv."
                        r"74': no such file .*download_darknet_weights.sh"):
         load_config(DARKNET_RECIPE)

@@ -1,6 +1,5 @@
 """Config fuzz (hypothesis): random keys and values give a config that training can build, or a ConfigError that
 names the key; and main.py turns a bad --set into one line, never a traceback from inside training."""
-import dataclasses
 import functools
 import math
 import subprocess
@@ -79,9 +78,9 @@ def meta_model(arch: str, encoder: str, num_classes: int, anchors: tuple | None)
 
 def build_what_training_builds(cfg: Config) -> None:
     """Everything main.py makes from the config before it reads data or weights files, and the first lrs."""
-    build_augmentation(dataclasses.asdict(cfg.augment), cfg.data.min_box_size, cfg.train.seed)
+    build_augmentation(cfg.augment.model_dump(), cfg.data.min_box_size, cfg.train.seed)
     always = {key: {**kwargs, "p": 1.0} if kwargs.get("p", 0.5) > 0 else kwargs  # every transform on: exercise it
-              for key, kwargs in dataclasses.asdict(cfg.augment).items()}
+              for key, kwargs in cfg.augment.model_dump().items()}
     augmentation = build_augmentation(always, cfg.data.min_box_size, cfg.train.seed)
     image, boxes = np.full((48, 64, 3), 100, np.uint8), np.array([[4.0, 5.0, 40.0, 30.0]], np.float32)
     for size in (min(train_sizes(cfg)), cfg.data.img_size):

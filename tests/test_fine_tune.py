@@ -2,7 +2,6 @@
 runs and schedules relative to the run (issue 15)."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import re
@@ -20,8 +19,7 @@ from engine import TimeBudget, lr_factor, resolve_schedule
 from models import build_model
 from models.transfer import Transfer, cut_prefix, normalize_name, start_from, transfer_state
 from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.config import Config, ConfigError, DataConfig, TrainConfig, config_to_dict, load_config
-from utils.typed_yaml import build_config
+from utils.config import Config, ConfigError, DataConfig, TrainConfig, build_config, config_to_dict, load_config
 
 
 @pytest.fixture(scope="module")
@@ -264,10 +262,10 @@ def test_lr_steps_as_fractions_and_burn_in_capped_at_a_tenth():
 
 def test_multiscale_relative_to_img_size():
     assert DataConfig().train_size_range() == (320, 608)  # Darknet's range at 416, as shipped
-    assert dataclasses.replace(DataConfig(), img_size=320).train_size_range() == (256, 480)
-    assert dataclasses.replace(DataConfig(), img_size=608).train_size_range() == (480, 896)
-    assert dataclasses.replace(DataConfig(), multiscale=[320, 352]).train_size_range() == (320, 352)  # pixels
-    assert dataclasses.replace(DataConfig(), multiscale=None).train_size_range() == (416, 416)
+    assert DataConfig(img_size=320).train_size_range() == (256, 480)
+    assert DataConfig(img_size=608).train_size_range() == (480, 896)
+    assert DataConfig(multiscale=[320, 352]).train_size_range() == (320, 352)  # pixels
+    assert DataConfig(multiscale=None).train_size_range() == (416, 416)
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -43,8 +43,8 @@ import numpy as np
 import pytest
 
 import datasets.transforms
+from datasets.augmentations import AUGMENTATIONS, boxes_outside_holes
 from datasets.loader import build_dataset, sample_seed, train_sizes
-from utils.augmentations import AUGMENTATIONS, boxes_outside_holes
 from utils.config import load_config
 
 ROOT = Path(__file__).parents[1]

@@ -8,7 +8,8 @@ import torchvision
 
 from models import build_model
 from models.loss import YOLOLoss, build_loss
-from models.yolo import ANCHOR_MASKS, DARKNET_ANCHORS, STRIDES, decode
+from models.tables import ANCHOR_MASKS, DARKNET_ANCHORS, STRIDES
+from models.yolo import decode
 from utils.config import LossConfig
 
 LOG2 = math.log(2)

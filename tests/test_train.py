@@ -134,7 +134,7 @@ def test_progress_window_counts_clipped_steps(caplog):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", ["args.yaml", "args_darknet.yaml"])
+@pytest.mark.parametrize("config", ["args.yaml", "configs/darknet.yaml"])
 def test_both_recipes_bring_the_loss_down_on_real_images(config):
     """The seed's Adam recipe and the paper's SGD one, augmentation included, on the 4 COCO training images of
     tests/data at 96 px with yolov3-tiny: the mean loss of the last 5 of 40 steps is well below the first 5's."""

@@ -95,7 +95,7 @@ def test_colour_and_dropout_augmentations_do_not_move_boxes(key):
     tensor, targets, _ = preprocess(image, boxes, classes, 160)
     _, plain, _ = Preprocess()(image, boxes, classes, 160)
     assert tensor.shape == (3, 160, 160)
-    # CoarseDropout moves only edges whose rows or columns a hole hides all of (utils/augmentations.py
+    # CoarseDropout moves only edges whose rows or columns a hole hides all of (datasets/augmentations.py
     # boxes_outside_holes; Albumentations' own truncated every edge to an integer)
     assert torch.equal(targets, plain)
 

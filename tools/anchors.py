@@ -16,7 +16,7 @@ import numpy as np
 
 from datasets.coco import DatasetError, image_boxes, read_coco_json
 from models import DARKNET_ANCHORS
-from models.yolo import ANCHOR_MASKS
+from models.tables import ANCHOR_MASKS
 from utils.boxes import CROWD_CLASS
 from utils.cli import add_config_args, parse_cli
 from utils.config import Config

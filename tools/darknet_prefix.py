@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from models.tables import ENCODERS
 from models.transfer import cut_prefix
-from utils.config import ENCODERS
 
 
 def main(argv: list[str] | None = None) -> str:

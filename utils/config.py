@@ -1,119 +1,146 @@
-"""The run configuration's schema: one YAML file (args.yaml) parsed into typed dataclasses, one per section.
+"""The run configuration: one schema (pydantic v2 models, one per YAML group) that holds every default, YAML files that
+overlay it, and `--set` overrides applied last.
 
-The file is grouped in sections (``model:``, ``data:``), one dataclass each. Any group or key may be left out to
-get its default. ``--set group.key=value`` overrides a value from the command line; the value is parsed as YAML.
+`args.yaml` is the schema's defaults written out with comments (tests/test_no_dead_keys.py keeps the two equal). A
+`--config` file (args.yaml, configs/darknet.yaml, configs/demo.yaml or your own) is an overlay on those defaults: a
+group or key left out keeps its default, and a mapping-valued key (an `augment:` entry) changes only the entries it
+names. ``--set group.key=value`` (the value parsed as YAML; ``group.key.entry=value`` for one entry of a mapping)
+comes last.
 
-To add a setting, add a typed field with a default to its section dataclass; its type is checked from the hint
-(utils/typed_yaml.py), and value constraints go in that section's ``check()``. To add a section, write such a
-dataclass and add it as a field of ``Config``. Every value is checked here, once, at load time; the layers that
-use it trust it. This module imports none of them: what it must know of them (the model's vocabulary, COCO's
-metric names, Albumentations' transforms) is a table here or in utils/.
+To add a setting, add a typed field with its default (and its Field bounds) to its section; checks across fields go in
+the section's model validator, which reports with ``fail(key, value, problem)``. Every value is checked here, once,
+at load time; the layers that use it trust it. Unknown keys are errors (extra="forbid"), types are strict (an int is
+accepted where a float is meant, as YAML writes 1.0 as 1), and no value holds nan or infinity. The model's vocabulary
+(models/tables.py) and the augmentations (datasets/augmentations.py) are leaf modules the validators import when they
+run: the one import of this layer from those above (tests/test_layering.py allows exactly these two).
 
 Every problem raises ConfigError reading ``SOURCE: group.key=VALUE: what is wrong / what would be right``, where
-SOURCE is the file or ``--set``.
+SOURCE is the file or ``--set`` that gave the value; pydantic's ValidationError is turned into that one line.
 """
 from __future__ import annotations
 
-import dataclasses
+import difflib
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import re
+import types
+import typing
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, NoReturn
 
 import yaml
-
-from utils.typed_yaml import ConfigError, Origin, build_config, choices, unknown, yaml_load
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 __all__ = ["ConfigError", "Config", "load_config", "config_from_dict", "config_to_dict", "save_config"]
 
-
-MAX_CLASSES = 10_000  # YOLO9000 detects 9418
 MAX_IMG_SIZE = 8192  # pixels; far beyond what fits in memory with any batch
 MAX_WORKERS = 256
 SCALE_BELOW = 8  # data.multiscale values below this are factors of data.img_size, the others pixels
 
-
-# The model's vocabulary, the one table both this schema and models/ use: the encoders each architecture can be
-# built with (yolov3-tiny has its own fixed backbone, named darknet53 here), Darknet's anchors in input pixels
-# (w, h), which anchors each head uses, stride-32 head first (yolov3.cfg / yolov3-tiny.cfg `[yolo] anchors=` and
-# `mask=`), and the heads' strides. Tiny's second mask 1,2,3 is Darknet's own choice (anchor 0 is used by no head);
-# we keep it so that yolov3-tiny.weights work unchanged.
-ENCODERS = {"yolov3": ("darknet53", "mobilenet_v3_large", "mobilenet_v3_small"), "yolov3-tiny": ("darknet53",)}
-DARKNET_ANCHORS = {
-    "yolov3": ((10, 13), (16, 30), (33, 23), (30, 61), (62, 45), (59, 119), (116, 90), (156, 198), (373, 326)),
-    "yolov3-tiny": ((10, 14), (23, 27), (37, 58), (81, 82), (135, 169), (344, 319)),
-}
-ANCHOR_MASKS = {"yolov3": ((6, 7, 8), (3, 4, 5), (0, 1, 2)), "yolov3-tiny": ((3, 4, 5), (1, 2, 3))}
-STRIDES = {"yolov3": (32, 16, 8), "yolov3-tiny": (32, 16)}
-
+Optimizer = Literal["adam", "sgd"]
+Scheduler = Literal["steps", "cosine", "constant"]
+TrainAmp = Literal["fp32", "fp16", "bf16", "auto"]
+EvalAmp = Literal["auto", "fp32", "bf16", "fp16"]  # models/forms.py
+Freeze = Literal["none", "encoder"]
 # COCOeval.stats in its order (cocoeval.py summarize()): AP at IoU .50:.95, .50, .75, by area; AR at 1/10/100 dets.
-COCO_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+Metric = Literal["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
+Backend = Literal["pycocotools", "faster_coco_eval"]
+OPTIMIZERS, COCO_STATS = typing.get_args(Optimizer), typing.get_args(Metric)
 
 
-def model_problem(arch: str, encoder: str, num_classes: int, anchors: list | None) -> tuple[str, Any, str] | None:
-    """The one check of a model description (the config's and build_model's): None, or (key, value, problem)."""
-    if arch not in ENCODERS:
-        return "arch", arch, f"unknown architecture; use one of {choices(ENCODERS)}"
-    if encoder not in ENCODERS[arch]:
-        return "encoder", encoder, (f"does not exist for {arch}; use {choices(ENCODERS[arch])}"
-                                    + (" (yolov3-tiny has its own fixed backbone)" if arch == "yolov3-tiny" else ""))
-    if num_classes < 1:
-        return "num_classes", num_classes, "must be at least 1"
-    if num_classes > MAX_CLASSES:
-        return "num_classes", num_classes, f"must be at most {MAX_CLASSES}"
-    if anchors is not None:
-        expected = len(DARKNET_ANCHORS[arch])
-        if len(anchors) != expected:
-            return "anchors", anchors, f"expected {expected} [w, h] pairs for {arch} (it needs {expected}: " \
-                f"{len(ANCHOR_MASKS[arch][0])} per head), found {len(anchors)}"
-        for pair in anchors:
-            if len(pair) != 2 or min(pair) <= 0:
-                return "anchors", anchors, f"anchor {pair!r} is not two positive numbers [w, h]"
-    return None
+class ConfigError(ValueError):
+    """A config value that cannot be used; the message says where it came from and why."""
 
 
-@dataclass
-class ModelConfig:
+class YamlLoader(yaml.SafeLoader):
+    """SafeLoader that also reads 1e-3, 1E5 and 2.5e4 as floats.
+
+    YAML 1.1 (PyYAML) wants a dot and a signed exponent, so it would read these as strings and a learning rate
+    written the usual way would fail.
+    """
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str) -> Any:
+    """YAML text -> Python values, with YamlLoader's floats."""
+    return yaml.load(text, Loader=YamlLoader)
+
+
+def unknown(what: str, name: Any, valid: Iterable[str]) -> str:
+    """"unknown WHAT 'name'; did you mean ...? valid WHATs: ..." for a name that is not among `valid`."""
+    valid = list(valid)
+    close = difflib.get_close_matches(str(name), valid, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"unknown {what} {name!r}; {hint}valid {what}s: {', '.join(valid)}"
+
+
+class Invalid(ValueError):
+    """A validator's finding about one key of its section; load time turns it into ConfigError naming the source."""
+
+    def __init__(self, key: str, value: Any, problem: str) -> None:
+        super().__init__(f"{key}={value!r}: {problem}")
+        self.key, self.value, self.problem = key, value, problem
+
+
+def fail(key: str, value: Any, problem: str) -> NoReturn:
+    """Raise Invalid for `key` of the section being validated (the group and the source are added at load time)."""
+    raise Invalid(key, value, problem)
+
+
+class Section(BaseModel):
+    """One YAML group: unknown keys are errors, types strict (an int accepted for a float), no nan or infinity."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class ModelConfig(Section):
     """Network architecture and its initial weights."""
 
-    arch: str = "yolov3"
+    arch: str = "yolov3"  # models/tables.py ENCODERS: the architectures and the encoders each can be built with
     encoder: str = "darknet53"
-    num_classes: int = 80
+    num_classes: int = 80  # 1 .. models/tables.py MAX_CLASSES
     anchors: list[list[int | float]] | None = None  # None: Darknet defaults for the arch
     pretrained: bool = False  # load ImageNet weights into the encoder
     pretrained_path: str | None = None  # local encoder weights file instead of the default source
 
-    def check(self, origin: Origin) -> None:
-        """Raise ConfigError for values the model cannot be built with."""
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        """Values the model cannot be built with: the model's own check (models/tables.py), then the weights file."""
+        from models.tables import model_problem  # a leaf module (imports nothing of ours)
+
         if problem := model_problem(self.arch, self.encoder, self.num_classes, self.anchors):
-            origin.fail(*problem)
+            fail(*problem)
         if self.pretrained and self.pretrained_path is None and self.encoder == "darknet53":
-            origin.fail("pretrained_path", None, "model.pretrained is true, and pretrained darknet53 loads "
-                        "darknet53.conv.74 from this path; fetch it with models/weights/download_darknet_weights.sh "
-                        "and give its path (or set model.pretrained: false)")
+            fail("pretrained_path", None, "model.pretrained is true, and pretrained darknet53 loads darknet53.conv.74 "
+                 "from this path; fetch it with models/weights/download_darknet_weights.sh and give its path (or set "
+                 "model.pretrained: false)")
         if self.pretrained and self.pretrained_path is not None and not Path(self.pretrained_path).is_file():
             # darknet53 has no default source: only the download script or the user's own copy can help
             fix = ("fetch darknet53.conv.74 with `bash models/weights/download_darknet_weights.sh` (into "
                    "models/weights/) or give the path of a copy" if self.encoder == "darknet53" else
                    "give an existing weights file, or null for the default weights")
-            origin.fail("pretrained_path", self.pretrained_path,
-                        f"no such file {str(Path(self.pretrained_path).resolve())!r}; {fix}")
+            fail("pretrained_path", self.pretrained_path,
+                 f"no such file {str(Path(self.pretrained_path).resolve())!r}; {fix}")
+        return self
 
 
-def _check_size(origin: Origin, key: str, value: Any, size: int) -> None:
+def _check_size(key: str, value: Any, size: int) -> None:
     """Image sizes must be positive multiples of 32, the network's largest stride, up to MAX_IMG_SIZE."""
     if size > MAX_IMG_SIZE:
-        origin.fail(key, value, f"{size} is larger than the {MAX_IMG_SIZE} pixels this project accepts")
+        fail(key, value, f"{size} is larger than the {MAX_IMG_SIZE} pixels this project accepts")
     if size <= 0 or size % 32:
         below = size // 32 * 32
         fix = "use 32" if below < 32 else f"use {below} or {below + 32}"
-        entry = "" if value == size else f"entry {size} "
-        origin.fail(key, value, f"{entry}must be a positive multiple of 32; {fix}")
+        fail(key, value, f"{'' if value == size else f'entry {size} '}must be a positive multiple of 32; {fix}")
 
 
-@dataclass
-class DataConfig:
+class DataConfig(Section):
     """Where the COCO-format data lives and how batches are formed."""
 
     root: str = "data/coco"  # COCO 2017 layout: images/{train,val}2017, annotations/instances_{train,val}2017.json
@@ -124,39 +151,33 @@ class DataConfig:
     img_size: int = 416  # the network downsamples by 32
     # [min, max] training sizes, step 32: pixels, or factors of img_size (values below SCALE_BELOW; min rounded up,
     # max down to multiples of 32: the default [0.75, 1.5] gives Darknet's 320-608 at 416, 256-480 at 320)
-    multiscale: list[int | float] | None = field(default_factory=lambda: [0.75, 1.5])  # None: img_size only
-    multiscale_every: int = 10  # optimiser steps (train.batch_size images) between size changes
-    workers: int = 4
-    timeout: float = 300.0  # seconds to wait for one batch from the workers before it is an error
+    multiscale: list[int | float] | None = Field(default_factory=lambda: [0.75, 1.5])  # None: img_size only
+    multiscale_every: int = Field(10, ge=1)  # optimiser steps (train.batch_size images) between size changes
+    workers: int = Field(4, ge=0, le=MAX_WORKERS)  # 0: load in the main process
+    timeout: float = Field(300.0, gt=0)  # seconds to wait for one batch from the workers before it is an error
     skip_bad_images: bool = False  # False: an unreadable image is an error; True: skipped with a warning
-    min_box_size: float = 2.0  # input pixels; training boxes narrower/shorter after letterbox + augmentation go
+    min_box_size: float = Field(2.0, ge=0)  # input pixels; training boxes narrower/shorter after augmentation go
 
-    def check(self, origin: Origin) -> None:
-        """Raise ConfigError for values the data pipeline cannot use."""
-        _check_size(origin, "img_size", self.img_size, self.img_size)
-        if self.multiscale is not None:
-            if len(self.multiscale) != 2 or self.multiscale[0] > self.multiscale[1] or min(self.multiscale) <= 0:
-                origin.fail("multiscale", self.multiscale, "expected [min, max] with 0 < min <= max, or null")
-            if (max(self.multiscale) < SCALE_BELOW) != (min(self.multiscale) < SCALE_BELOW):
-                origin.fail("multiscale", self.multiscale, f"give both as factors of data.img_size (below "
-                            f"{SCALE_BELOW}) or both as pixels, not one of each")
-            if max(self.multiscale) < SCALE_BELOW:
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        """Sizes the network cannot take."""
+        _check_size("img_size", self.img_size, self.img_size)
+        if (scales := self.multiscale) is not None:
+            if len(scales) != 2 or scales[0] > scales[1] or min(scales) <= 0:
+                fail("multiscale", scales, "expected [min, max] with 0 < min <= max, or null")
+            if (max(scales) < SCALE_BELOW) != (min(scales) < SCALE_BELOW):
+                fail("multiscale", scales, f"give both as factors of data.img_size (below {SCALE_BELOW}) or both as "
+                     "pixels, not one of each")
+            if max(scales) < SCALE_BELOW:
                 low, high = self.train_size_range()
                 if low > high:
-                    origin.fail("multiscale", self.multiscale, f"x data.img_size {self.img_size} holds no multiple "
-                                f"of 32 (from {low} up, to {high} down)")
-                _check_size(origin, "multiscale", self.multiscale, high)
+                    fail("multiscale", scales, f"x data.img_size {self.img_size} holds no multiple of 32 (from {low} "
+                         f"up, to {high} down)")
+                _check_size("multiscale", scales, high)
             else:
-                for size in self.multiscale:
-                    _check_size(origin, "multiscale", self.multiscale, size)
-        if self.multiscale_every < 1:
-            origin.fail("multiscale_every", self.multiscale_every, "must be at least 1")
-        if not 0 <= self.workers <= MAX_WORKERS:
-            origin.fail("workers", self.workers, f"must be 0 (load in the main process) to {MAX_WORKERS}")
-        if self.timeout <= 0:
-            origin.fail("timeout", self.timeout, "must be a positive number of seconds")
-        if self.min_box_size < 0:
-            origin.fail("min_box_size", self.min_box_size, "must be >= 0 pixels")
+                for size in scales:
+                    _check_size("multiscale", scales, size)
+        return self
 
     def train_size_range(self) -> tuple[int, int]:
         """data.multiscale in pixels (factors x img_size; min rounded up, max down to multiples of 32), or
@@ -177,13 +198,12 @@ class DataConfig:
 
 
 def _augment(p: float, **kwargs: Any) -> Any:
-    """Default of one augment entry (a fresh dict per Config)."""
-    return field(default_factory=lambda: {"p": p, **kwargs})
+    """Default of one augment entry (a fresh dict per config)."""
+    return Field(default_factory=lambda: {"p": p, **kwargs})
 
 
-@dataclass
-class AugmentConfig:
-    """Training augmentation: each key is an Albumentations 2.x transform (datasets/transforms.py AUGMENTATIONS)
+class AugmentConfig(Section):
+    """Training augmentation: each key is an Albumentations 2.x transform (datasets/augmentations.py AUGMENTATIONS)
     with its arguments; p is its probability and p: 0 switches it off."""
 
     multiplicative_noise: dict[str, Any] = _augment(0.2, multiplier=[0.9, 1.1], per_channel=True)
@@ -200,110 +220,82 @@ class AugmentConfig:
     horizontal_flip: dict[str, Any] = _augment(0.5)
     affine: dict[str, Any] = _augment(0.5, scale=[0.75, 1.25], translate_percent=[-0.1, 0.1])
 
-    def check(self, origin: Origin) -> None:
+    @model_validator(mode="after")
+    def _check(self) -> AugmentConfig:
         """Build and apply each transform once so that a bad argument is reported now, naming its key."""
-        from utils.augmentations import check_augmentation, make_augmentation  # Albumentations: slow to import
+        from datasets.augmentations import check_augmentation, make_augmentation  # a leaf module; Albumentations
 
-        defaults = dataclasses.asdict(AugmentConfig())
-        for key, kwargs in dataclasses.asdict(self).items():
+        for key, field in type(self).model_fields.items():
+            kwargs = getattr(self, key)
             try:
                 make_augmentation(key, kwargs)
-                if kwargs != defaults[key]:  # the defaults are known to work; applying costs up to 50 ms
+                if kwargs != field.default_factory():  # the defaults are known to work; applying costs up to 50 ms
                     check_augmentation(key, kwargs)
             except ValueError as e:
-                origin.fail(key, kwargs, str(e))
+                fail(key, kwargs, str(e))
+        return self
 
 
-OPTIMIZERS = ("adam", "sgd")
-SCHEDULERS = ("steps", "cosine", "constant")
-AMP_MODES = ("fp32", "fp16", "bf16", "auto")  # train.amp
-EVAL_AMP_MODES = ("auto", "fp32", "bf16", "fp16")  # eval.amp (models/forms.py)
-FREEZE = ("none", "encoder")
-
-
-@dataclass
-class TrainConfig:
+class TrainConfig(Section):
     """Optimisation settings (Darknet's meaning of batch, subdivisions, burn_in and steps)."""
 
-    batch_size: int = 64  # images per optimiser step
-    subdivisions: int = 4  # micro-batches per step: batch_size / subdivisions images go through the model at once
-    steps: int = 500200  # optimiser steps in all (Darknet's max_batches)
-    optimizer: str = "adam"  # adam (the seed's) | sgd (the paper's, with momentum)
-    lr: float = 0.001  # peak learning rate
-    momentum: float = 0.9  # SGD momentum; Adam's beta1
-    weight_decay: float = 0.0005  # not applied to BatchNorm weights and biases
+    batch_size: int = Field(64, ge=1)  # images per optimiser step
+    subdivisions: int = Field(4, ge=1)  # micro-batches per step: batch_size / subdivisions images at once
+    steps: int = Field(500200, ge=1)  # optimiser steps in all (Darknet's max_batches)
+    optimizer: Optimizer = "adam"  # adam (the seed's) | sgd (the paper's, with momentum)
+    lr: float = Field(0.001, gt=0)  # peak learning rate
+    momentum: float = Field(0.9, ge=0, lt=1)  # SGD momentum; Adam's beta1
+    weight_decay: float = Field(0.0005, ge=0)  # not applied to BatchNorm weights and biases
     # warm-up steps: lr * ((step + 1) / burn_in) ** 4 (Darknet's burn_in, power 4), at most a tenth of the run
     # (BURN_IN_SHARE): a short run is not all warm-up
-    burn_in: int = 1000
-    scheduler: str = "steps"  # after burn-in: steps | cosine | constant
+    burn_in: int = Field(1000, ge=0)
+    scheduler: Scheduler = "steps"  # after burn-in: steps | cosine | constant
     # scheduler steps: at these optimiser steps (or, all below 1, fractions of train.steps) ...
-    lr_steps: list[int | float] = field(default_factory=lambda: [400000, 450000])
-    lr_scales: list[float] = field(default_factory=lambda: [0.1, 0.1])  # ... the lr is multiplied by these
-    cosine_t0: int = 10000  # scheduler cosine: steps of the first cycle (after burn-in)
-    cosine_t_mult: int = 2  # each next cycle is this many times longer
-    cosine_eta_min: float = 0.00001  # lr at the bottom of each cycle
-    amp: str = "fp16"  # mixed precision: fp16 (+ GradScaler; CUDA only, fp32 on the CPU) | bf16 | fp32 (none) |
+    lr_steps: list[int | float] = Field(default_factory=lambda: [400000, 450000])
+    lr_scales: list[float] = Field(default_factory=lambda: [0.1, 0.1])  # ... the lr is multiplied by these
+    cosine_t0: int = Field(10000, ge=1)  # scheduler cosine: steps of the first cycle (after burn-in)
+    cosine_t_mult: int = Field(2, ge=1)  # each next cycle is this many times longer
+    cosine_eta_min: float = Field(0.00001, ge=0)  # lr at the bottom of each cycle
+    amp: TrainAmp = "fp16"  # mixed precision: fp16 (+ GradScaler; CUDA only, fp32 on the CPU) | bf16 | fp32 (none) |
     # auto (bf16 on a CPU with native bf16 and on CUDA GPUs with bf16, fp16 on other GPUs, else fp32)
     # clip the gradient norm (after unscaling) above this; null: never. The loss is a per-image sum, so healthy norms
     # are 25-4,500 (BENCHMARKS.md, Gradient norms) and this catches outliers only
-    clip_grad_norm: float | None = 10000.0
+    clip_grad_norm: float | None = 10000.0  # > 0
     ema: bool = True  # keep an exponential moving average of the weights, used for evaluation
-    ema_decay: float = 0.9999  # EMA decay, ramped up over the first steps (decay * (1 - exp(-step / 2000)))
-    checkpoint_every: int = 1000  # steps between writes of last.pt (also written at exit)
+    ema_decay: float = Field(0.9999, gt=0, lt=1)  # ramped up over the first steps (decay * (1 - exp(-step / 2000)))
+    checkpoint_every: int = Field(1000, ge=1)  # steps between writes of last.pt (also written at exit)
     patience: int | None = None  # stop after this many evaluations without improvement; null: never
-    max_bad_steps: int = 20  # stop after this many consecutive non-finite (skipped) steps
+    max_bad_steps: int = Field(20, ge=1)  # stop after this many consecutive non-finite (skipped) steps
     sync_bn: bool = False  # under DDP: synchronise BatchNorm statistics across processes
-    seed: int = 0  # seeds weights, data order and augmentation
+    seed: int = Field(0, ge=0)  # seeds weights, data order and augmentation
     # minutes the whole run may take (null: no limit): the first steps are timed and train.steps is fitted so that
     # the whole schedule (absolute lr_steps and cosine_t0 scale with it), the evaluations and last.pt fit in
-    time_limit: float | None = None
-    freeze: str = "none"  # none | encoder: the encoder (backbone) does not train for the first freeze_steps steps
-    freeze_steps: int = 0  # optimiser steps with `freeze` in force (its BatchNorm statistics frozen too)
+    time_limit: float | None = None  # > 0
+    freeze: Freeze = "none"  # none | encoder: the encoder (backbone) does not train for the first freeze_steps steps
+    freeze_steps: int = Field(0, ge=0)  # optimiser steps with `freeze` in force (its BatchNorm statistics frozen too)
 
-    def check(self, origin: Origin) -> None:
-        """Raise ConfigError for values training cannot use."""
-        for key in ("batch_size", "steps", "cosine_t0", "cosine_t_mult", "checkpoint_every", "max_bad_steps"):
-            if getattr(self, key) < 1:
-                origin.fail(key, getattr(self, key), "must be at least 1")
-        if self.subdivisions < 1 or self.batch_size % self.subdivisions:
-            origin.fail("subdivisions", self.subdivisions,
-                        f"must be >= 1 and divide train.batch_size ({self.batch_size})")
-        for key, valid in (("optimizer", OPTIMIZERS), ("scheduler", SCHEDULERS), ("amp", AMP_MODES)):
-            if getattr(self, key) not in valid:
-                origin.fail(key, getattr(self, key), unknown(key, getattr(self, key), valid))
-        if self.lr <= 0:
-            origin.fail("lr", self.lr, "must be positive")
-        for key in ("weight_decay", "cosine_eta_min", "burn_in"):
-            if getattr(self, key) < 0:
-                origin.fail(key, getattr(self, key), "must be >= 0")
-        if not 0 <= self.momentum < 1:
-            origin.fail("momentum", self.momentum, "must be in [0, 1)")
-        if not 0 < self.ema_decay < 1:
-            origin.fail("ema_decay", self.ema_decay, "must be in (0, 1)")
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        """The batch split and the lr schedule's steps and scales."""
+        if self.batch_size % self.subdivisions:
+            fail("subdivisions", self.subdivisions, f"must be >= 1 and divide train.batch_size ({self.batch_size})")
         if any(scale <= 0 for scale in self.lr_scales) or not math.isfinite(self.lr * math.prod(self.lr_scales)):
-            origin.fail("lr_scales", self.lr_scales, f"must be positive, and train.lr ({self.lr}) times all of them "
-                        "a finite number")
-        if self.seed < 0:
-            origin.fail("seed", self.seed, "must be >= 0")
-        if len(self.lr_steps) != len(self.lr_scales) or sorted(self.lr_steps) != self.lr_steps:
-            origin.fail("lr_steps", self.lr_steps, f"must be increasing and as many as train.lr_scales "
-                        f"({self.lr_scales})")
-        if any(v < 0 for v in self.lr_steps) or (any(v < 1 for v in self.lr_steps if v)
-                                                 and any(v >= 1 for v in self.lr_steps)):
-            origin.fail("lr_steps", self.lr_steps, "must be all steps (integers >= 0) or all fractions of "
-                        "train.steps (below 1), not a mix")
-        if any(v >= 1 and v != int(v) for v in self.lr_steps):
-            origin.fail("lr_steps", self.lr_steps, "steps (values of 1 and more) must be whole numbers")
-        if self.time_limit is not None and self.time_limit <= 0:
-            origin.fail("time_limit", self.time_limit, "must be a positive number of minutes, or null for no limit")
-        if self.freeze not in FREEZE:
-            origin.fail("freeze", self.freeze, unknown("freeze", self.freeze, FREEZE))
-        if self.freeze_steps < 0:
-            origin.fail("freeze_steps", self.freeze_steps, "must be >= 0")
-        if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:
-            origin.fail("clip_grad_norm", self.clip_grad_norm, "must be positive, or null for no clipping")
-        if self.patience is not None and self.patience < 1:
-            origin.fail("patience", self.patience, "must be at least 1, or null to never stop early")
+            fail("lr_scales", self.lr_scales, f"must be positive, and train.lr ({self.lr}) times all of them a finite "
+                 "number")
+        for key, low, null in (("time_limit", 0, "a positive number of minutes, or null for no limit"),
+                               ("clip_grad_norm", 0, "positive, or null for no clipping"),
+                               ("patience", 1, "at least 1, or null to never stop early")):
+            if (value := getattr(self, key)) is not None and (value <= 0 if low == 0 else value < low):
+                fail(key, value, f"must be {null}")
+        steps = self.lr_steps
+        if len(steps) != len(self.lr_scales) or sorted(steps) != steps:
+            fail("lr_steps", steps, f"must be increasing and as many as train.lr_scales ({self.lr_scales})")
+        if any(v < 0 for v in steps) or (any(v < 1 for v in steps if v) and any(v >= 1 for v in steps)):
+            fail("lr_steps", steps, "must be all steps (integers >= 0) or all fractions of train.steps (below 1), "
+                 "not a mix")
+        if any(v >= 1 and v != int(v) for v in steps):
+            fail("lr_steps", steps, "steps (values of 1 and more) must be whole numbers")
+        return self
 
     @property
     def micro_batch_size(self) -> int:
@@ -311,118 +303,232 @@ class TrainConfig:
         return self.batch_size // self.subdivisions
 
 
-@dataclass
-class LossConfig:
+class LossConfig(Section):
     """YOLOv3 loss (Darknet's yolo_layer.c) and the weight of each term."""
 
-    ignore_threshold: float = 0.7  # no objectness penalty for predictions overlapping a ground truth above this IoU
-    xy_weight: float = 1.0  # BCE on the in-cell centre offset
-    wh_weight: float = 1.0  # squared error of log(w / anchor_w), log(h / anchor_h)
-    obj_weight: float = 1.0  # objectness BCE
-    cls_weight: float = 1.0  # multi-label class BCE
-
-    def check(self, origin: Origin) -> None:
-        """Raise ConfigError for values the loss cannot use."""
-        if not 0 < self.ignore_threshold <= 1:
-            origin.fail("ignore_threshold", self.ignore_threshold, "must be in (0, 1]")
-        for key in ("xy_weight", "wh_weight", "obj_weight", "cls_weight"):
-            if getattr(self, key) < 0:
-                origin.fail(key, getattr(self, key), "must be >= 0")
+    ignore_threshold: float = Field(0.7, gt=0, le=1)  # no objectness penalty above this IoU with a ground truth
+    xy_weight: float = Field(1.0, ge=0)  # BCE on the in-cell centre offset
+    wh_weight: float = Field(1.0, ge=0)  # squared error of log(w / anchor_w), log(h / anchor_h)
+    obj_weight: float = Field(1.0, ge=0)  # objectness BCE
+    cls_weight: float = Field(1.0, ge=0)  # multi-label class BCE
 
 
-@dataclass
-class LoggingConfig:
+class LoggingConfig(Section):
     """Where runs are written and how often they report."""
 
     dir: str = "logs"  # run folders are created here: <dir>/<YYmmdd-HHMMSS>_<name>
     name: str = "yolov3"  # the run's name (no path separators)
-    every: int = 20  # steps between log lines and TensorBoard scalars
-    images: int = 4  # validation images drawn to TensorBoard at each evaluation (0: none)
+    every: int = Field(20, ge=1)  # steps between log lines and TensorBoard scalars
+    images: int = Field(4, ge=0)  # validation images drawn to TensorBoard at each evaluation (0: none)
 
-    def check(self, origin: Origin) -> None:
-        """Raise ConfigError for values logging cannot use."""
+    @model_validator(mode="after")
+    def _check(self) -> LoggingConfig:
+        """A run name that is one folder name."""
         if not self.name or any(c in self.name for c in "/\\:"):
-            origin.fail("name", self.name, "must be non-empty without '/', '\\' or ':'")
-        if self.every < 1:
-            origin.fail("every", self.every, "must be at least 1")
-        if self.images < 0:
-            origin.fail("images", self.images, "must be >= 0")
+            fail("name", self.name, "must be non-empty without '/', '\\' or ':'")
+        return self
 
 
-EVAL_BACKENDS = ("pycocotools", "faster_coco_eval")
-
-
-@dataclass
-class EvalConfig:
+class EvalConfig(Section):
     """COCO evaluation: post-processing of predictions and the COCO API that scores them."""
 
-    batch_size: int = 16  # validation images per forward pass
-    conf_threshold: float = 0.001  # score = objectness x class probability; COCO mAP wants a low threshold
-    nms_iou: float = 0.6  # same-class boxes overlapping more than this are suppressed
-    max_det: int = 100  # detections kept per image (COCO's maxDets)
-    max_candidates: int = 10000  # best candidates per image entering NMS (bounds the time on untrained models)
+    batch_size: int = Field(16, ge=1)  # validation images per forward pass
+    conf_threshold: float = Field(0.001, ge=0, lt=1)  # score = objectness x class probability; mAP wants it low
+    nms_iou: float = Field(0.6, gt=0, le=1)  # same-class boxes overlapping more than this are suppressed
+    max_det: int = Field(100, ge=1)  # detections kept per image (COCO's maxDets)
+    max_candidates: int = Field(10000, ge=1)  # best candidates per image entering NMS (bounds untrained models' time)
     multi_label: bool = True  # every class above conf_threshold is a candidate, not only each box's best
-    every: int = 5000  # training: optimiser steps between evaluations (and at the end)
-    metric: str = "AP50"  # training: the number that decides best.pt and early stopping (one of COCO_STATS)
-    subset: int | None = None  # evaluate the first N validation images only; None: all
-    backend: str = "pycocotools"  # or faster_coco_eval (same numbers, faster; pip install faster-coco-eval)
-    amp: str = "auto"  # inference precision: auto (a CPU: the fastest of fp32 / packed / bf16 where native, by a
+    every: int = Field(5000, ge=1)  # training: optimiser steps between evaluations (and at the end)
+    metric: Metric = "AP50"  # training: the number that decides best.pt and early stopping
+    subset: int | None = None  # evaluate the first N validation images only (>= 1); None: all
+    backend: Backend = "pycocotools"  # or faster_coco_eval (same numbers, faster; pip install faster-coco-eval)
+    amp: EvalAmp = "auto"  # inference precision: auto (a CPU: the fastest of fp32 / packed / bf16 where native, by a
     # probe; CUDA: fp32) | fp32 | bf16 (autocast) | fp16 (autocast, CUDA only; fp32 on a CPU)
 
-    def check(self, origin: Origin) -> None:
-        """Raise ConfigError for values evaluation cannot use."""
-        for key in ("batch_size", "max_det", "max_candidates"):
-            if getattr(self, key) < 1:
-                origin.fail(key, getattr(self, key), "must be at least 1")
-        if not 0 <= self.conf_threshold < 1:
-            origin.fail("conf_threshold", self.conf_threshold, "must be in [0, 1)")
-        if not 0 < self.nms_iou <= 1:
-            origin.fail("nms_iou", self.nms_iou, "must be in (0, 1]")
+    @model_validator(mode="after")
+    def _check(self) -> EvalConfig:
+        """A subset of at least one image."""
         if self.subset is not None and self.subset < 1:
-            origin.fail("subset", self.subset, "must be at least 1, or null for all images")
-        if self.every < 1:
-            origin.fail("every", self.every, "must be at least 1")
-        if self.metric not in COCO_STATS:
-            origin.fail("metric", self.metric, unknown("metric", self.metric, COCO_STATS))
-        if self.backend not in EVAL_BACKENDS:
-            origin.fail("backend", self.backend, unknown("backend", self.backend, EVAL_BACKENDS))
-        if self.amp not in EVAL_AMP_MODES:
-            origin.fail("amp", self.amp, unknown("amp", self.amp, EVAL_AMP_MODES))
+            fail("subset", self.subset, "must be at least 1, or null for all images")
+        return self
 
 
-@dataclass
-class DetectConfig:
+class DetectConfig(Section):
     """Inference tools (detect.py, visualization.py, export.py --nms); the rest of post-processing is eval's."""
 
-    conf_threshold: float = 0.25  # score a detection needs to be drawn or written (eval.conf_threshold is for mAP)
-
-    def check(self, origin: Origin) -> None:
-        """Raise ConfigError for values inference cannot use."""
-        if not 0 <= self.conf_threshold < 1:
-            origin.fail("conf_threshold", self.conf_threshold, "must be in [0, 1)")
+    conf_threshold: float = Field(0.25, ge=0, lt=1)  # score a detection needs to be drawn or written
 
 
-@dataclass
-class Config:
+class Config(BaseModel):
     """The whole run configuration, one field per YAML group."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    detect: DetectConfig = field(default_factory=DetectConfig)
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    detect: DetectConfig = Field(default_factory=DetectConfig)
+
+
+# -- loading: overlays, --set, and pydantic's errors as one line naming the source -----------------------------------
+
+def _out_of_range(value: Any) -> str | None:
+    """What no setting may hold, anywhere inside its value (an augment entry's arguments too): nan or infinity, an
+    integer beyond 64 bits (torch and numpy take no more), a NUL character (no path can hold one). None if none."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{value} is not allowed; use a finite number"
+    if isinstance(value, int) and not -(2**63) <= value < 2**63:
+        return f"{value} does not fit in 64 bits"
+    if isinstance(value, str) and "\0" in value:
+        return "contains a NUL character"
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return next((problem for item in items if (problem := _out_of_range(item))), None)
+
+
+def _type_name(tp: Any) -> str:
+    """A type hint as messages write it: list[int or float] or null."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin is list:
+        return f"list[{_type_name(args[0])}]"
+    if origin is dict:
+        return "mapping"
+    if origin is Literal:
+        return "one of " + ", ".join(map(repr, args))
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+BOUNDS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}  # a Field's ge, gt, le, lt
+
+
+def _range(field: Any) -> str:
+    """A Field's bounds as messages write them: "must be in [0, 1)", "must be >= 0", "must be positive"."""
+    limits = {name: getattr(m, name) for m in field.metadata for name in ("ge", "gt", "le", "lt") if hasattr(m, name)}
+    low = f"[{limits['ge']}" if "ge" in limits else f"({limits['gt']}" if "gt" in limits else None
+    high = f"{limits['le']}]" if "le" in limits else f"{limits['lt']})" if "lt" in limits else None
+    if low and high:
+        return f"must be in {low}, {high}"
+    if low == "(0":
+        return "must be positive"
+    return f"must be {'>=' if low[0] == '[' else '>'} {low[1:]}" if low else f"must be below {high[:-1]}"
+
+
+class _Layers:
+    """The raw groups of every overlay and --set, merged in order, and the source of each group.key."""
+
+    def __init__(self, config_cls: type[BaseModel], source: str) -> None:
+        self.sections: dict[str, type[Section]] = {name: f.annotation for name, f in config_cls.model_fields.items()}
+        self.groups: dict[str, dict] = {}
+        self.origins: dict[str, str] = {}
+        self.source = source  # named for keys no overlay set (their defaults fail only in a check across keys)
+
+    def fail(self, source: str, key: str, value: Any, problem: str) -> NoReturn:
+        raise ConfigError(f"{source}: {key}={value!r}: {problem}")
+
+    def set(self, source: str, group: str, key: str, value: Any, merge: bool = True) -> None:
+        """group.key = value from `source`; with `merge`, a mapping updates the mapping below it (an augment entry)."""
+        below = self.groups.get(group, {}).get(key, self.default(group, key))
+        if merge and isinstance(value, dict) and isinstance(below, dict):
+            value = {**below, **value}
+        self.groups.setdefault(group, {})[key] = value
+        self.origins[f"{group}.{key}"] = source
+
+    def default(self, group: str, key: str) -> Any:
+        field = self.sections[group].model_fields.get(key)
+        return None if field is None else field.get_default(call_default_factory=True)
+
+    def overlay(self, d: Any, source: str) -> None:
+        """One file's (or a checkpoint's) mapping of groups over what is there."""
+        if d is None:  # an empty file
+            return
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: expected a mapping of groups ({', '.join(self.sections)}), got {d!r}")
+        for name, body in d.items():
+            if name not in self.sections:
+                self.fail(source, name, body, unknown("group", name, self.sections))
+            if body is not None and not isinstance(body, dict):
+                keys = ", ".join(self.sections[name].model_fields)
+                self.fail(source, name, body, f"expected a mapping of {name} keys ({keys})")
+            for key, value in (body or {}).items():
+                self.set(source, name, key, value)
+
+    def override(self, item: str) -> None:
+        """One --set group.key=value (or group.key.entry=value for one entry of a mapping)."""
+        key, eq, text = item.partition("=")
+        group, dot, name = key.strip().partition(".")
+        if not (eq and dot and group and name):
+            raise ConfigError(f"--set: {item!r}: expected the form group.key=value (or group.key.entry=value for a "
+                              "mapping), e.g. data.img_size=320")
+        if group not in self.sections:
+            self.fail("--set", key, text, unknown("group", group, self.sections))
+        try:
+            value = yaml_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set: {key}={text!r}: value is not valid YAML: {' '.join(str(e).split())}") from e
+        name, _, entry = name.partition(".")
+        if entry:  # group.key.entry=value sets one entry of a mapping-valued key, e.g. augment.affine.p=0
+            below = self.groups.get(group, {}).get(name, self.default(group, name))
+            if not isinstance(below, dict):
+                self.fail("--set", f"{group}.{name}", below, f"is not a mapping, so {key} cannot be set")
+            value = {**below, entry: value}
+        self.set("--set", group, name, value, merge=False)  # group.key={...} replaces the whole mapping
+
+    def build(self, config_cls: type[BaseModel]) -> Any:
+        """Validate the merged groups; the first problem as one ConfigError naming its source, key and value."""
+        for group, body in self.groups.items():
+            for key, value in body.items():
+                if problem := _out_of_range(value):
+                    self.fail(self.origins[f"{group}.{key}"], f"{group}.{key}", value, problem)
+        try:
+            return config_cls.model_validate(self.groups)
+        except ValidationError as e:
+            error = e.errors(include_url=False)[0]
+            group, found = error["loc"][0], error.get("ctx", {}).get("error")
+            if len(error["loc"]) < 2 and not isinstance(found, Invalid):  # not a key's: nothing here raises one
+                raise ConfigError(f"{self.source}: {group}: {error['msg']}") from e
+            if isinstance(found, Invalid):  # a section's check
+                key, value, problem = found.key, found.value, found.problem
+            else:
+                key = error["loc"][1]
+                value = self.groups[group].get(key, error["input"])
+                field = self.sections[group].model_fields.get(key)
+                if error["type"] == "extra_forbidden":
+                    problem = unknown(f"{group} key", key, self.sections[group].model_fields)
+                elif error["type"] == "literal_error":
+                    problem = unknown(key, value, typing.get_args(field.annotation))
+                elif error["type"] in BOUNDS:
+                    problem = _range(field)
+                else:  # a type pydantic cannot take in strict mode
+                    problem = f"expected {_type_name(field.annotation)}"
+            full = f"{group}.{key}"
+            self.fail(self.origins.get(full, self.source), full, value, problem)
+
+
+def build_config(config_cls: type[BaseModel], layers: Any, source: str = "<dict>",
+                 overrides: Sequence[str] = ()) -> Any:
+    """config_cls (a model of Section fields) from its defaults, the overlay `layers` (one mapping, or a list of
+    (source, mapping) applied in order) and the --set `overrides`, applied last; `source` names a single mapping."""
+    merged = _Layers(config_cls, source)
+    for name, d in layers if isinstance(layers, list) else [(source, layers)]:
+        merged.source = name
+        merged.overlay(d, name)
+    for item in overrides:
+        merged.override(item)
+    return merged.build(config_cls)
 
 
 def config_from_dict(d: dict, source: str = "<dict>", overrides: Sequence[str] = ()) -> Config:
-    """Validate a nested dict (as in args.yaml or a checkpoint), apply overrides, and build a Config."""
+    """Validate a nested dict (an overlay, or a checkpoint's whole config), apply overrides, and build a Config."""
     return build_config(Config, d, source, overrides)
 
 
-def load_config(path: str | Path = "args.yaml", overrides: Sequence[str] = ()) -> Config:
-    """Read a YAML config file, apply "group.key=value" overrides, validate, and build a Config."""
+def read_yaml(path: str | Path) -> Any:
+    """A config file's YAML; a missing, unreadable or malformed file is a ConfigError naming it."""
     try:
         text = Path(path).read_text()
     except FileNotFoundError:
@@ -430,19 +536,23 @@ def load_config(path: str | Path = "args.yaml", overrides: Sequence[str] = ()) -
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config file: {e}") from e
     try:
-        raw = yaml_load(text)
+        return yaml_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from e
-    return config_from_dict(raw, str(path), overrides)
 
 
-def config_to_dict(cfg: Config) -> dict:
+def load_config(path: str | Path | Sequence[str | Path] = "args.yaml", overrides: Sequence[str] = ()) -> Config:
+    """The schema's defaults, overlaid by the YAML file `path` (or each of a list of files, in order), then by the
+    "group.key=value" overrides; validated."""
+    paths = [path] if isinstance(path, str | Path) else list(path)
+    return build_config(Config, [(str(p), read_yaml(p)) for p in paths], overrides=overrides)
+
+
+def config_to_dict(cfg: BaseModel) -> dict:
     """Return cfg as plain nested dicts and lists, safe for yaml.safe_dump and config_from_dict."""
-    return dataclasses.asdict(cfg)
+    return cfg.model_dump()
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write cfg to path as YAML that load_config reads back to an equal Config."""
     Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-
-

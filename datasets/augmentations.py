@@ -1,7 +1,8 @@
 """The `augment:` vocabulary: each args.yaml key is one Albumentations 2.x transform, built and checked here.
 
-Shared by the config (which builds and applies each entry once at load time, so that a bad argument is reported
-with its key) and by datasets/transforms.py (which composes them for training).
+Shared by the config schema (utils/config.py builds and applies each entry once at load time, so that a bad argument
+is reported with its key) and by datasets/transforms.py (which composes them for training). A leaf module: it imports
+nothing of ours, so that the schema below it can check against it.
 """
 from __future__ import annotations
 

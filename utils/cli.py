@@ -12,7 +12,8 @@ from utils.logger import log
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     """Add --config, --set (collected into args.overrides) and --gpu to parser."""
-    parser.add_argument("--config", default="args.yaml", metavar="PATH", help="YAML config file (default: args.yaml)")
+    parser.add_argument("--config", default="args.yaml", metavar="PATH",
+                        help="YAML config: an overlay on the defaults, e.g. configs/darknet.yaml (default: args.yaml)")
     parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                         help="override config values, e.g. --set data.img_size=320 model.arch=yolov3-tiny")
     parser.add_argument("--gpu", type=int, default=None, metavar="N",

@@ -254,8 +254,9 @@ class TimeBudget:
         return seconds
 
     def fit(self, step: int, eval_seconds: float, checkpoint_seconds: float, cfg: Config,
-            current: int | None) -> int:
-        """The step count that ends the run inside the limit (at least `step`)."""
+            current: int | None, final_evals: int = 1) -> int:
+        """The step count that ends the run inside the limit (at least `step`), with `final_evals` evaluations at
+        its end (3 with train.keep_start's two mixes)."""
         seconds = self.seconds_at()
         left = self.limit * (1 - self.MARGIN) - (time.perf_counter() - self.started)
         lo, hi = (step, step + self.MAX_STEPS) if current is None else (int(self.REFIT_RANGE[0] * current),
@@ -270,7 +271,7 @@ class TimeBudget:
             (k % cfg.train.checkpoint_every == 0) * checkpoint_seconds  # an evaluation writes best.pt too
         before = np.cumsum(step_time + periodic) - periodic  # all up to step k, k's own evaluation not yet
         # ending after step k: its evaluation (at a multiple of eval.every or as the last), best.pt and last.pt
-        total = before + eval_seconds + 2 * checkpoint_seconds
+        total = before + final_evals * eval_seconds + 2 * checkpoint_seconds
         fits = np.nonzero(total <= left)[0]
         n = max(min(max(int(k[fits[-1]]) if len(fits) else step, lo), hi), step)
         planned = slice(0, n - step) if n > step else slice(0, 1)

@@ -19,6 +19,7 @@ import argparse
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -43,12 +44,14 @@ from engine import (
     prediction_grid,
 )
 from models import build_model
+from models.merge import best_mix, interpolate
 from models.transfer import start_from
 from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from utils.cli import add_config_args, training_device
-from utils.config import COCO_STATS, Config, ConfigError, config_from_dict, load_config, save_config
+from utils.config import COCO_STATS, Config, ConfigError, config_from_dict, config_to_dict, load_config, save_config
 from utils.distributed import broadcast_object, cleanup, init_distributed, is_distributed, is_main_process
 from utils.logger import RunLogger, log, setup_console_logging
+from utils.recipe import choose_recipe
 
 RESUME_FIXED = ("model.", "train.optimizer")  # config keys a resumed run cannot change (--set on --resume)
 
@@ -80,14 +83,17 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, dict | None]:
     return config_from_dict(resumed["config"], str(args.resume), args.overrides), resumed
 
 
-def training_data(cfg: Config, world: int, device: torch.device
-                  ) -> tuple[CocoDetection, torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
-    """The training set, its loader (this rank's share of each micro-batch) and the validation loader; a dataset
-    that does not fit the config stops with one line."""
+def training_sets(cfg: Config) -> tuple[CocoDetection, CocoDetection]:
+    """The training and validation sets; a dataset that does not fit the config stops with one line."""
     try:
-        train_set, val_set = dataset_for_model(cfg, "train"), dataset_for_model(cfg, "val")
+        return dataset_for_model(cfg, "train"), dataset_for_model(cfg, "val")
     except (DatasetError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from e
+
+
+def training_loaders(cfg: Config, train_set: CocoDetection, val_set: CocoDetection, world: int, device: torch.device
+                     ) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
+    """The training loader (this rank's share of each micro-batch) and the validation loader."""
     if cfg.train.micro_batch_size % world:
         raise SystemExit(f"error: the micro-batch (train.batch_size / train.subdivisions = "
                          f"{cfg.train.micro_batch_size}) must divide over {world} processes")
@@ -96,7 +102,7 @@ def training_data(cfg: Config, world: int, device: torch.device
     if len(train_loader.batch_sampler) == 0:
         raise SystemExit(f"error: {len(train_set)} training images make no full micro-batch of "
                          f"{cfg.train.micro_batch_size // world}")
-    return train_set, train_loader, val_loader
+    return train_loader, val_loader
 
 
 def build_start_model(cfg: Config, args: argparse.Namespace, resumed: bool, world: int, names: list[str]
@@ -149,13 +155,40 @@ def log_evaluation(result: EvalResult, val_loader: torch.utils.data.DataLoader, 
         cv2.imwrite(str(logger.run_dir / "predictions.png"), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
 
 
+def keep_start(trainer: Trainer, model: torch.nn.Module, start_file: Path, trained: EvalResult,
+               evaluate_now: Callable[[], EvalResult], metric: str, record: Callable[[EvalResult], bool]) -> None:
+    """train.keep_start: put into the trained model (and its EMA) the mix of start and trained weights that scores
+    best (models/merge.py; alpha 0 is the start, 1 the trained weights), evaluating two mixes; the chosen one is
+    recorded as the run's last evaluation (best.pt too, if it is the best)."""
+    start = load_checkpoint(start_file)
+    ends = {id(m): {k: v.clone() for k, v in m.state_dict().items()} for m in {trainer.eval_model, model}}
+    results = {1.0: trained}
+
+    def score(alpha: float) -> float:
+        trainer.eval_model.load_state_dict(interpolate(start["model"], ends[id(trainer.eval_model)], alpha))
+        results[alpha] = evaluate_now()
+        log.info("keep_start: %.2f x start + %.2f x trained weights | %s %.4f", 1 - alpha, alpha, metric,
+                 results[alpha].stats[metric])
+        return results[alpha].stats[metric]
+
+    alpha, scores = best_mix(score, start["stats"][metric], trained.stats[metric])
+    for m in {trainer.eval_model, model}:
+        m.load_state_dict(interpolate(start["model"], ends[id(m)], alpha))
+    log.info("keep_start: last.pt holds %.2f x start + %.2f x trained weights (%s: %s)", 1 - alpha, alpha, metric,
+             ", ".join(f"{a:.2f} -> {v:.4f}" for a, v in sorted(scores.items())))
+    if alpha < 1.0:  # the last evaluation in the log and evals.jsonl is last.pt's
+        record(results.get(alpha) or EvalResult(start["stats"], {}, "", np.zeros((0, 7))))
+
+
 def fit_to_time(budget: TimeBudget, trainer: Trainer, val_loader: torch.utils.data.DataLoader, cfg: Config,
-                device: torch.device, amp_dtype: torch.dtype | None, checkpoint_seconds: float) -> None:
-    """train.time_limit: fit the run's length to the time left (rank 0 decides, every rank follows)."""
+                device: torch.device, amp_dtype: torch.dtype | None, checkpoint_seconds: float, final_evals: int
+                ) -> None:
+    """train.time_limit: fit the run's length to the time left, `final_evals` evaluations at its end included (rank 0
+    decides, every rank follows)."""
     eval_seconds = estimate_eval_seconds(trainer.eval_model, val_loader, cfg.eval, device, amp_dtype)
     current = trainer.state.planned_steps
     steps = broadcast_object(budget.fit(trainer.state.step, eval_seconds, checkpoint_seconds,
-                                        cfg, current) if is_main_process() else None)
+                                        cfg, current, final_evals) if is_main_process() else None)
     budget.planned(trainer.state.step, steps)
     trainer.plan(steps)
 
@@ -174,8 +207,16 @@ def main(argv: list[str] | None = None) -> dict:
     except (ConfigError, CheckpointError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from e
 
-    # -- data ----------------------------------------------------------------------------------------------------
-    train_set, train_loader, val_loader = training_data(cfg, world, device)
+    # -- data, and the recipe it calls for (a resumed run keeps the one its checkpoint's config resolved) ------------
+    train_set, val_set = training_sets(cfg)
+    if resumed is None:
+        from_weights = bool(args.weights) or cfg.model.pretrained
+        try:
+            cfg, recipe = choose_recipe(cfg, args.overrides, from_weights, len(train_set))
+        except ConfigError as e:
+            raise SystemExit(f"error: {e}") from e
+        log.info(recipe)
+    train_loader, val_loader = training_loaders(cfg, train_set, val_set, world, device)
 
     # -- model, loss, optimiser, schedule, precision, EMA ---------------------------------------------------------
     model, started_from_weights = build_start_model(cfg, args, resumed is not None, world, train_set.class_names)
@@ -206,8 +247,12 @@ def main(argv: list[str] | None = None) -> dict:
                 raise SystemExit(f"error: training stopped at step {state.step}: {e}") from e
         return time.perf_counter() - start
 
-    def evaluation_step() -> bool:
-        evaluation = evaluate(trainer.eval_model, val_loader, cfg.eval, device, eval_form.dtype, progress=False)
+    evaluations: list[EvalResult] = []
+
+    def evaluation_step(result: EvalResult | None = None) -> bool:
+        evaluation = result or evaluate(trainer.eval_model, val_loader, cfg.eval, device, eval_form.dtype,
+                                        progress=False)
+        evaluations.append(evaluation)
         log_evaluation(evaluation, val_loader, cfg, logger, state.step)
         best, patience_out = state.record_evaluation(evaluation.stats[cfg.eval.metric], cfg.train.patience)
         if best:
@@ -217,6 +262,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     if started_from_weights and state.step == 0:  # what the start scores: best.pt keeps it unless training beats it
         evaluation_step()
+    keep = cfg.train.keep_start and started_from_weights  # a whole trained model: its step-0 score means something
+    if keep and main_process and state.step == 0:  # the start, for the end's mix (a resumed run reads it back)
+        save_checkpoint({"model": trainer.eval_model.state_dict(), "config": config_to_dict(cfg),
+                         "class_names": train_set.class_names, "stats": evaluations[0].stats}, run_dir / "start.pt")
     stop: list[int] = []  # the signal that asked to stop; the step in progress finishes, then last.pt is written
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda s, _frame: stop.append(s))
@@ -240,7 +289,8 @@ def main(argv: list[str] | None = None) -> dict:
         if budget:
             budget.record(state.step, result.size)
             if budget.due(state.step, state.planned_steps is not None):
-                fit_to_time(budget, trainer, val_loader, cfg, device, eval_form.dtype, checkpoint("last.pt"))
+                fit_to_time(budget, trainer, val_loader, cfg, device, eval_form.dtype, checkpoint("last.pt"),
+                            3 if keep else 1)
                 progress.total = trainer.steps
         if state.step % cfg.logging.every == 0 or state.step == trainer.steps:
             window.log(logger, trainer, result, trainer.steps, device)
@@ -251,6 +301,10 @@ def main(argv: list[str] | None = None) -> dict:
                      cfg.eval.metric, cfg.train.patience, state.best_metric, state.best_step)
             break
     progress.close()
+    if keep and not stop and state.step == trainer.steps:
+        keep_start(trainer, model, run_dir / "start.pt", evaluations[-1],
+                   lambda: evaluate(trainer.eval_model, val_loader, cfg.eval, device, eval_form.dtype, progress=False),
+                   cfg.eval.metric, evaluation_step)
     checkpoint("last.pt")
     if stop:
         log.info("stopped by signal %d at step %d; resume with --resume %s", stop[0], state.step, run_dir / "last.pt")

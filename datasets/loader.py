@@ -195,6 +195,13 @@ def train_sizes(cfg: Config) -> list[int]:
     return list(range(low, high + 1, 32))
 
 
+def auto_workers() -> int:
+    """data.workers auto: min(4, the cores this process may use); more workers than cores only contend with the
+    training step for them (torch warns)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(4, cores)
+
+
 def build_loader(cfg: Config, dataset: CocoDetection, train: bool, batch_size: int,
                  device: torch.device | None = None, distributed: bool = False) -> DataLoader:
     """A DataLoader yielding collate()'s (images, targets, metas); training batches are shuffled and multi-scale."""
@@ -209,7 +216,7 @@ def build_loader(cfg: Config, dataset: CocoDetection, train: bool, batch_size: i
     sizes = train_sizes(cfg) if train else [cfg.data.img_size]
     batches = MultiScaleBatchSampler(sampler, batch_size, sizes, cfg.data.multiscale_every, drop_last=train,
                                      seed=cfg.train.seed, subdivisions=cfg.train.subdivisions)
-    workers = cfg.data.workers
+    workers = auto_workers() if cfg.data.workers == "auto" else cfg.data.workers
     if workers > 0:
         # Parallelism comes from the workers. OpenCV's thread pool must be shut down before they fork: a forked
         # child that touches the inherited pool hangs (seen in cv2.setNumThreads inside a worker).

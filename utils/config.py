@@ -38,6 +38,7 @@ MAX_WORKERS = 256
 SCALE_BELOW = 8  # data.multiscale values below this are factors of data.img_size, the others pixels
 
 Optimizer = Literal["adam", "sgd"]
+Recipe = Literal["auto", "coco", "transfer"]
 Scheduler = Literal["steps", "cosine", "constant"]
 TrainAmp = Literal["fp32", "fp16", "bf16", "auto"]
 EvalAmp = Literal["auto", "fp32", "bf16", "fp16"]  # models/forms.py
@@ -153,7 +154,9 @@ class DataConfig(Section):
     # max down to multiples of 32: the default [0.75, 1.5] gives Darknet's 320-608 at 416, 256-480 at 320)
     multiscale: list[int | float] | None = Field(default_factory=lambda: [0.75, 1.5])  # None: img_size only
     multiscale_every: int = Field(10, ge=1)  # optimiser steps (train.batch_size images) between size changes
-    workers: int = Field(4, ge=0, le=MAX_WORKERS)  # 0: load in the main process
+    # DataLoader worker processes; 0: load in the main process; auto: min(4, the cores this process may use), as
+    # more workers than cores only contend with the training step for them
+    workers: int | Literal["auto"] = "auto"
     timeout: float = Field(300.0, gt=0)  # seconds to wait for one batch from the workers before it is an error
     skip_bad_images: bool = False  # False: an unreadable image is an error; True: skipped with a warning
     min_box_size: float = Field(2.0, ge=0)  # input pixels; training boxes narrower/shorter after augmentation go
@@ -162,6 +165,8 @@ class DataConfig(Section):
     def _check(self) -> DataConfig:
         """Sizes the network cannot take."""
         _check_size("img_size", self.img_size, self.img_size)
+        if self.workers != "auto" and not 0 <= self.workers <= MAX_WORKERS:
+            fail("workers", self.workers, f"must be auto or 0-{MAX_WORKERS} worker processes")
         if (scales := self.multiscale) is not None:
             if len(scales) != 2 or scales[0] > scales[1] or min(scales) <= 0:
                 fail("multiscale", scales, "expected [min, max] with 0 < min <= max, or null")
@@ -239,6 +244,10 @@ class AugmentConfig(Section):
 class TrainConfig(Section):
     """Optimisation settings (Darknet's meaning of batch, subdivisions, burn_in and steps)."""
 
+    # auto: `transfer` for a start from trained weights (--weights, model.pretrained) on fewer than 10,000 training
+    # images, `coco` otherwise; the transfer recipe changes the values below left at their defaults
+    # (utils/recipe.py; the first log lines say which runs and what it set)
+    recipe: Recipe = "auto"
     batch_size: int = Field(64, ge=1)  # images per optimiser step
     subdivisions: int = Field(4, ge=1)  # micro-batches per step: batch_size / subdivisions images at once
     steps: int = Field(500200, ge=1)  # optimiser steps in all (Darknet's max_batches)
@@ -256,8 +265,9 @@ class TrainConfig(Section):
     cosine_t0: int = Field(10000, ge=1)  # scheduler cosine: steps of the first cycle (after burn-in)
     cosine_t_mult: int = Field(2, ge=1)  # each next cycle is this many times longer
     cosine_eta_min: float = Field(0.00001, ge=0)  # lr at the bottom of each cycle
-    amp: TrainAmp = "fp16"  # mixed precision: fp16 (+ GradScaler; CUDA only, fp32 on the CPU) | bf16 | fp32 (none) |
-    # auto (bf16 on a CPU with native bf16 and on CUDA GPUs with bf16, fp16 on other GPUs, else fp32)
+    # mixed precision: auto (bf16 on a CPU with native bf16 and on CUDA GPUs with bf16, fp16 with GradScaler on other
+    # GPUs, else fp32) | fp16 (+ GradScaler; CUDA only, fp32 on the CPU) | bf16 | fp32 (none)
+    amp: TrainAmp = "auto"
     # clip the gradient norm (after unscaling) above this; null: never. The loss is a per-image sum, so healthy norms
     # are 25-4,500 (BENCHMARKS.md, Gradient norms) and this catches outliers only
     clip_grad_norm: float | None = 10000.0  # > 0
@@ -271,6 +281,9 @@ class TrainConfig(Section):
     # minutes the whole run may take (null: no limit): the first steps are timed and train.steps is fitted so that
     # the whole schedule (absolute lr_steps and cosine_t0 scale with it), the evaluations and last.pt fit in
     time_limit: float | None = None  # > 0
+    # end a run started from a whole trained model with the mix (1 - a) * start + a * trained (a in 0, .25, .5,
+    # .75, 1) that scores best on the validation set (WiSE-FT: models/merge.py); the transfer recipe turns it on
+    keep_start: bool = False
     freeze: Freeze = "none"  # none | encoder: the encoder (backbone) does not train for the first freeze_steps steps
     freeze_steps: int = Field(0, ge=0)  # optimiser steps with `freeze` in force (its BatchNorm statistics frozen too)
 

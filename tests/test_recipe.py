@@ -13,7 +13,6 @@ from test_fine_tune import shapes  # noqa: F401 (a fixture)
 from test_train import ROOT
 
 import main as train_main
-from models.merge import interpolate
 from reliability.common import tiny_run_args
 from utils.checkpoint import load_checkpoint
 from utils.config import load_config

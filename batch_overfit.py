@@ -15,9 +15,9 @@ import torch
 from datasets.coco import DatasetError, collate
 from datasets.coco_eval import coco_evaluate, to_coco_rows
 from datasets.loader import dataset_for_model
+from engine.evaluate import detect_batch
 from models import build_model
 from models.loss import build_loss
-from models.postprocess import postprocess, to_original_pixels
 from utils.cli import add_config_args, parse_cli
 
 
@@ -60,10 +60,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             bn.reset_running_stats()
             bn.momentum = None  # cumulative average: one pass gives the batch statistics exactly
         model(images)
-        model.eval()
-        detections = postprocess(model(images), cfg.eval.conf_threshold, cfg.eval.nms_iou, cfg.eval.max_det,
-                                 cfg.eval.max_candidates, cfg.eval.multi_label)
-    rows = to_coco_rows(to_original_pixels(detections.cpu(), metas), metas, dataset.category_ids)
+    detections, _ = detect_batch(model, images, metas, cfg.eval, device)  # evaluation's own path, in eval mode
+    rows = to_coco_rows(detections, metas, dataset.category_ids)
     image_ids = [m["image_id"] for m in metas]
     stats, _, _ = coco_evaluate(dataset.coco, rows, image_ids, dataset.class_names, cfg.eval.backend)
     print(f"after {args.steps} steps: loss {loss.item():.4f}, AP50 on the batch {stats['AP50']:.4f} "

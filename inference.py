@@ -1,6 +1,7 @@
 """Inference on decoded images: letterbox a batch, run the model, post-process, map back to original pixels.
 
-The same geometry as evaluation (datasets/transforms.py letterbox, models/postprocess.py inverse), for any images.
+The same geometry and the same code as evaluation (datasets/transforms.py letterbox, engine/evaluate.py
+detect_batch: the forward pass, models/postprocess.py and its inverse), for any images.
 """
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ import numpy as np
 import torch
 
 from datasets.transforms import Preprocess
+from engine.evaluate import detect_batch
 from models import YOLO
 from models.forms import Form, FormError, choose_form, prepare
-from models.postprocess import postprocess, to_original_pixels
 from models.transfer import load_model
 from utils.checkpoint import CheckpointError
 from utils.cli import add_config_args, cli_config, device_to_gpu
@@ -103,18 +104,14 @@ def unit_float(batch: torch.Tensor) -> torch.Tensor:
     return batch.float().div_(255)
 
 
-@torch.inference_mode()
 def detect(model: torch.nn.Module, images: Sequence[np.ndarray], size: int, eval_cfg: EvalConfig,
            conf_threshold: float, device: torch.device, amp_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Images (H_i, W_i, 3) uint8 RGB -> detections (M, 7) [image_index, x1, y1, x2, y2, score, class] in each
-    image's original pixels, on the CPU. The model runs in its own dtype (fp16 after model.half()), under autocast
-    of `amp_dtype` (Form.dtype) where one is given."""
+    image's original pixels, on the CPU: letterboxed as evaluation's images are, then evaluation's own
+    engine/evaluate.py detect_batch. The model runs in its own dtype (fp16 after model.half()), under autocast of
+    `amp_dtype` (Form.dtype) where one is given."""
     batch, metas = letterbox_batch(images, size)
-    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        pred = model(batch.to(device, non_blocking=True)).float()  # (B, N, 5+C); the model converts the uint8 batch
-    detections = postprocess(pred, conf_threshold, eval_cfg.nms_iou, eval_cfg.max_det, eval_cfg.max_candidates,
-                             eval_cfg.multi_label)
-    return to_original_pixels(detections.cpu(), metas)
+    return detect_batch(model, batch, metas, eval_cfg, device, amp_dtype, conf_threshold)[0]
 
 
 def add_inference_args(parser: argparse.ArgumentParser) -> None:

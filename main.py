@@ -9,9 +9,10 @@ A run folder logs/<YYmmdd-HHMMSS>_<name>/ receives last.pt (every train.checkpoi
 SIGINT/SIGTERM), best.pt (best eval.metric), the resolved args.yaml, TensorBoard events, evals.jsonl and
 predictions.png (the latest evaluation's first validation images: true boxes white, predictions in class colours).
 
-The path of one training image: datasets/loader.py (decode, augment, letterbox, batch) -> engine.micro_batches ->
-engine.train_step (models/yolo.py forward, models/loss.py, backward, update). Of one validation image:
-engine.evaluate (the model decodes, models/postprocess.py) -> datasets/coco_eval.py (pycocotools).
+The path of one training image: datasets/loader.py (decode, augment, letterbox, batch) -> engine/train.py
+micro_batches -> train_one_step -> train_step (models/yolo.py forward, models/loss.py, backward, update). Of one
+validation image: engine/evaluate.py evaluate -> detect_batch (the model decodes, models/postprocess.py) ->
+datasets/coco_eval.py (pycocotools).
 """
 from __future__ import annotations
 
@@ -19,37 +20,28 @@ import argparse
 import signal
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from datasets.coco import CocoDetection, DatasetError
 from datasets.coco_names import COCO_NAMES
 from datasets.loader import LoaderError, build_loader, dataset_for_model
-from engine import (
-    BadStepCounter,
-    EvalResult,
-    ProgressWindow,
-    TimeBudget,
-    Trainer,
-    estimate_eval_seconds,
-    evaluate,
-    evaluation_form,
-    micro_batches,
-    prediction_grid,
-)
+from engine.budget import TimeBudget, fit_to_time
+from engine.evaluate import EvalResult, evaluate, evaluation_form, prediction_grid
+from engine.merge import keep_start
+from engine.progress import Progress
+from engine.state import Trainer
+from engine.train import BadStepCounter, micro_batches, train_one_step
 from models import build_model
-from models.merge import best_mix, interpolate
 from models.transfer import start_from
 from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from utils.cli import add_config_args, training_device
 from utils.config import COCO_STATS, Config, ConfigError, config_from_dict, config_to_dict, load_config, save_config
-from utils.distributed import broadcast_object, cleanup, init_distributed, is_distributed, is_main_process
+from utils.distributed import broadcast_object, cleanup, init_distributed, is_distributed
 from utils.logger import RunLogger, log, setup_console_logging
 from utils.recipe import choose_recipe
 
@@ -155,44 +147,6 @@ def log_evaluation(result: EvalResult, val_loader: torch.utils.data.DataLoader, 
         cv2.imwrite(str(logger.run_dir / "predictions.png"), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
 
 
-def keep_start(trainer: Trainer, model: torch.nn.Module, start_file: Path, trained: EvalResult,
-               evaluate_now: Callable[[], EvalResult], metric: str, record: Callable[[EvalResult], bool]) -> None:
-    """train.keep_start: put into the trained model (and its EMA) the mix of start and trained weights that scores
-    best (models/merge.py; alpha 0 is the start, 1 the trained weights), evaluating two mixes; the chosen one is
-    recorded as the run's last evaluation (best.pt too, if it is the best)."""
-    start = load_checkpoint(start_file)
-    ends = {id(m): {k: v.clone() for k, v in m.state_dict().items()} for m in {trainer.eval_model, model}}
-    results = {1.0: trained}
-
-    def score(alpha: float) -> float:
-        trainer.eval_model.load_state_dict(interpolate(start["model"], ends[id(trainer.eval_model)], alpha))
-        results[alpha] = evaluate_now()
-        log.info("keep_start: %.2f x start + %.2f x trained weights | %s %.4f", 1 - alpha, alpha, metric,
-                 results[alpha].stats[metric])
-        return results[alpha].stats[metric]
-
-    alpha, scores = best_mix(score, start["stats"][metric], trained.stats[metric])
-    for m in {trainer.eval_model, model}:
-        m.load_state_dict(interpolate(start["model"], ends[id(m)], alpha))
-    log.info("keep_start: last.pt holds %.2f x start + %.2f x trained weights (%s: %s)", 1 - alpha, alpha, metric,
-             ", ".join(f"{a:.2f} -> {v:.4f}" for a, v in sorted(scores.items())))
-    if alpha < 1.0:  # the last evaluation in the log and evals.jsonl is last.pt's
-        record(results.get(alpha) or EvalResult(start["stats"], {}, "", np.zeros((0, 7))))
-
-
-def fit_to_time(budget: TimeBudget, trainer: Trainer, val_loader: torch.utils.data.DataLoader, cfg: Config,
-                device: torch.device, amp_dtype: torch.dtype | None, checkpoint_seconds: float, final_evals: int
-                ) -> None:
-    """train.time_limit: fit the run's length to the time left, `final_evals` evaluations at its end included (rank 0
-    decides, every rank follows)."""
-    eval_seconds = estimate_eval_seconds(trainer.eval_model, val_loader, cfg.eval, device, amp_dtype)
-    current = trainer.state.planned_steps
-    steps = broadcast_object(budget.fit(trainer.state.step, eval_seconds, checkpoint_seconds,
-                                        cfg, current, final_evals) if is_main_process() else None)
-    budget.planned(trainer.state.step, steps)
-    trainer.plan(steps)
-
-
 def main(argv: list[str] | None = None) -> dict:
     """Parse, set up, train, evaluate, save; returns the run folder, the final state and the trained model."""
     started, args = time.perf_counter(), build_parser().parse_args(argv)
@@ -257,7 +211,6 @@ def main(argv: list[str] | None = None) -> dict:
         best, patience_out = state.record_evaluation(evaluation.stats[cfg.eval.metric], cfg.train.patience)
         if best:
             checkpoint("best.pt")
-        model.train()
         return patience_out  # True: stop early
 
     if started_from_weights and state.step == 0:  # what the start scores: best.pt keeps it unless training beats it
@@ -270,30 +223,19 @@ def main(argv: list[str] | None = None) -> dict:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda s, _frame: stop.append(s))
 
-    # -- the loop --------------------------------------------------------------------------------------------------
+    # -- the loop: step, divergence check, log, checkpoint, evaluate ------------------------------------------------
     batches = micro_batches(train_loader, state, device)
-    # the bar on a terminal; in a file (nohup_0.out) the log lines every logging.every steps are the progress
-    progress = tqdm(total=trainer.steps, initial=state.step, disable=not main_process or not sys.stderr.isatty(),
-                    desc="train", unit="step", dynamic_ncols=True)
-    window, bad_steps = ProgressWindow(), BadStepCounter(cfg.train.max_bad_steps, run_dir / "last.pt")
+    progress = Progress(trainer, logger, device, bar=main_process and sys.stderr.isatty())
+    bad_steps = BadStepCounter(cfg.train.max_bad_steps, run_dir / "last.pt")
     budget = (TimeBudget(cfg.train.time_limit, started, train_loader.batch_sampler.step_sizes)
               if cfg.train.time_limit and not resumed else None)
     while state.step < trainer.steps and not stop:
-        result = trainer.step(train_model, batches, window)
-        window.count(result)
-        if diverged := bad_steps.update(state.step + 1, result, trainer.scheduler.get_last_lr()[0]):
+        result = train_one_step(trainer, train_model, batches)
+        if diverged := bad_steps.update(state.step, result):
             raise SystemExit(f"error: {diverged}")  # no last.pt is written: the one on disk is the last good state
-        trainer.finish_step(result)
-        progress.update()
-        progress.set_postfix(loss=f"{result.losses['total']:.3f}", lr=f"{trainer.scheduler.get_last_lr()[0]:.2e}")
-        if budget:
-            budget.record(state.step, result.size)
-            if budget.due(state.step, state.planned_steps is not None):
-                fit_to_time(budget, trainer, val_loader, cfg, device, eval_form.dtype, checkpoint("last.pt"),
-                            3 if keep else 1)
-                progress.total = trainer.steps
-        if state.step % cfg.logging.every == 0 or state.step == trainer.steps:
-            window.log(logger, trainer, result, trainer.steps, device)
+        if budget and budget.after_step(state.step, result.size, state.planned_steps is not None):
+            fit_to_time(budget, trainer, val_loader, device, eval_form.dtype, checkpoint("last.pt"), 3 if keep else 1)
+        progress.update(result)
         if state.step % cfg.train.checkpoint_every == 0:
             checkpoint("last.pt")
         if (state.step % cfg.eval.every == 0 or state.step == trainer.steps) and evaluation_step():

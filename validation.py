@@ -19,7 +19,7 @@ import numpy as np
 from datasets.coco import DatasetError
 from datasets.coco_eval import coco_evaluate, rows_to_json, save_json
 from datasets.loader import LoaderError, build_loader, dataset_for_model
-from engine import evaluate
+from engine.evaluate import evaluate
 from inference import add_speed_args, amp_mode, tool_ready_for_inference
 from models.transfer import load_model
 from utils.checkpoint import CheckpointError

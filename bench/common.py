@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from models.forms import autocast
 from utils.hardware import cpu_features, cpu_has_native_bf16, isa_class
 
 CEILING_SHAPE = (256, 512, 52)  # in channels, out channels, side: 2 * 256 * 512 * 9 * 52 * 52 = 3.19 GFLOP per image
@@ -111,7 +112,7 @@ class CeilingProbe:
     @torch.inference_mode()
     def __call__(self) -> float:
         """GFLOP/s of the ceiling conv now (median of `runs` calls)."""
-        with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+        with autocast(self.device, self.dtype):
             return self.gflop / statistics.median(time_runs(functools.partial(self.conv, self.x), self.runs,
                                                             warmup=1, device=self.device))
 

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import add_data_argument, checked_data, emit, machine  # noqa: E402
 from datasets.coco_eval import coco_evaluate  # noqa: E402
 from datasets.loader import build_dataset, build_loader  # noqa: E402
-from engine import evaluate  # noqa: E402
+from engine.evaluate import evaluate  # noqa: E402
 from inference import ready_for_inference  # noqa: E402
 from models import build_model  # noqa: E402
 from models.forms import OPTIONS, Form  # noqa: E402

@@ -7,7 +7,7 @@ What train.clip_grad_norm should be: the YOLOv3 loss is a sum over each image's 
 its gradient norm is in the hundreds or thousands, not near 1, and a limit of 10 rescales every update. This trains
 as args.yaml says (optimiser, lr, burn-in, augmentation; `--set` changes any key) except: one input size (--size,
 no multiscale), --batch images per step in one micro-batch, fp32, no EMA and no clipping, and records the norm that
-engine.train_step returns (before clipping). It prints the norm's percentiles over the first and the last --window
+engine.train.train_step returns (before clipping). It prints the norm's percentiles over the first and the last --window
 steps, and how many of all steps each candidate limit would have clipped. --weights starts from a checkpoint or a
 Darknet file (the official yolov3-tiny.weights: the norms of a trained model). The norms do not depend on timing.
 """
@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import add_data_argument, checked_data, emit, machine  # noqa: E402
 from datasets.loader import build_dataset, build_loader  # noqa: E402
-from engine import Trainer, micro_batches, train_step  # noqa: E402
+from engine.state import Trainer  # noqa: E402
+from engine.train import micro_batches, train_step  # noqa: E402
 from models import build_model  # noqa: E402
 from models.transfer import start_from  # noqa: E402
 from utils.config import load_config  # noqa: E402

@@ -9,7 +9,7 @@
   detect.py and visualization.py run it) for YOLOv3, YOLOv3-tiny and the MobileNetV3 variants.
   FLOPs are counted by torch.utils.flop_counter (2 per multiply-add); achieved GFLOP/s is divided by the fp32 conv
   ceiling and, where bf16 is native, by the bf16 one (the same conv under bf16 autocast).
-- train step: forward + loss + backward + optimiser (engine.train_step), YOLOv3 at 416, batch 8 (64 with AMP
+- train step: forward + loss + backward + optimiser (engine/train.py train_step), YOLOv3 at 416, batch 8 (64 with AMP
   on CUDA), its ratio counting 3x the forward FLOPs per image; on a CPU with native bf16 also fp32 vs bf16
   autocast (train.amp) in alternating rounds, for YOLOv3 and for the demo's step (YOLOv3-tiny, 160 px, batch 16).
 - loss: target building + YOLOv3 loss forward, batch 8, 50 boxes per image, random raw maps.
@@ -40,7 +40,7 @@ from bench.common import (  # noqa: E402
     time_paired,
     time_runs,
 )
-from engine import train_step  # noqa: E402
+from engine.train import train_step  # noqa: E402
 from inference import compile_for_inference  # noqa: E402
 from models import build_model  # noqa: E402
 from models.forms import choose_form, prepare  # noqa: E402

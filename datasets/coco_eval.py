@@ -1,6 +1,6 @@
 """COCO scoring: detections <-> COCO result rows / JSON (the annotation file's category ids), and the official COCO
 API's 12 numbers and per-class AP50 (torchvision's references/detection/coco_eval.py in role). The batched
-inference that produces the detections is engine.py's `evaluate`."""
+inference that produces the detections is engine/evaluate.py's `evaluate`."""
 from __future__ import annotations
 
 import contextlib

@@ -36,19 +36,13 @@ def build_augmentation(augment: dict[str, dict[str, Any]], min_box_size: float, 
 
 @dataclass
 class Letterbox:
-    """How an image was letterboxed: input = original * (scale_x, scale_y) + (pad_left, pad_top)."""
+    """How an image was letterboxed: input = original * (scale_x, scale_y) + (pad_left, pad_top); the inverse, for
+    boxes, is models/postprocess.py to_original_pixels."""
 
     scale_x: float
     scale_y: float
     pad_left: int
     pad_top: int
-
-    def to_original(self, boxes_xyxy: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
-        """(K, 4) xyxy in network-input pixels -> (K, 4) xyxy in original-image pixels."""
-        out = boxes_xyxy * 1.0  # a float copy of either type
-        out[:, 0::2] = (boxes_xyxy[:, 0::2] - self.pad_left) / self.scale_x
-        out[:, 1::2] = (boxes_xyxy[:, 1::2] - self.pad_top) / self.scale_y
-        return out
 
 
 def resize_to_fit(image: np.ndarray, size: int) -> tuple[np.ndarray, float, float]:

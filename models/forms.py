@@ -16,11 +16,9 @@ timings there are launch-bound and would not tell which form wins at the batch t
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import statistics
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +36,12 @@ OPTIONS = {"fp32": ("fp32", False), "packed": ("fp32", True), "bf16": ("bf16", F
 # form -> the (eval.amp, pack) that name it alone: --no-amp --no-pack, --no-amp --pack, --amp (bf16 / fp16)
 PROBE_WARMUP, PROBE_ROUNDS = 1, 3  # untimed passes per form, then alternating timed rounds (median per form)
 PROBE_FILL = 114  # the probe's input: letterbox grey (no random numbers: the probe must not move any RNG)
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
+    """The context a forward pass in `dtype` runs in on `device`: torch.autocast of it, or (None) a disabled one,
+    so that float32 runs through the same line (training's train.amp, a form's eval.amp)."""
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
 class FormError(ValueError):
@@ -58,11 +62,9 @@ class Form:
         """The autocast dtype, or None for float32."""
         return AUTOCAST[self.name]
 
-    @contextlib.contextmanager
-    def autocast(self, device: torch.device) -> Iterator[None]:
+    def autocast(self, device: torch.device) -> torch.autocast:
         """The context the form's forward runs in: torch.autocast of its dtype, or nothing."""
-        with torch.autocast(device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
-            yield
+        return autocast(device, self.dtype)
 
     def __str__(self) -> str:
         """'bf16 autocast, channels_last (probe: fp32 12.3 ms, packed 11.1 ms, bf16 6.0 ms)'."""

@@ -74,3 +74,12 @@ def grid_model(num_classes: int = 80, cls: int = 2, box: float = 16.0):
                 bias[0, 2:4] = torch.log(box / anchor)  # w = exp(tw) * anchor_w = box
                 bias[0, 4] = bias[0, 5 + cls] = 20.0
     return model.eval()
+
+
+def boxes_to_original(boxes_xyxy: torch.Tensor, meta: dict) -> torch.Tensor:
+    """(K, 4) xyxy in network-input pixels -> (K, 4) in the original image's pixels of `meta` {orig_size, letterbox},
+    through models/postprocess.py to_original_pixels (the inverse evaluation uses), as detections of image 0."""
+    from models.postprocess import to_original_pixels
+
+    rows = torch.cat([torch.zeros(len(boxes_xyxy), 1), boxes_xyxy.float(), torch.zeros(len(boxes_xyxy), 2)], 1)
+    return to_original_pixels(rows, [meta])[:, 1:5]

@@ -6,9 +6,9 @@ import pytest
 import torch
 from conftest import DATA
 
-import engine
+import engine.state
 import main as train_main
-from engine import BadStepCounter, StepResult, train_step
+from engine.train import BadStepCounter, StepResult, train_step
 from models import build_model
 from models.loss import build_loss
 from reliability.common import make_shapes, tiny_run_args
@@ -74,19 +74,19 @@ def test_infinite_gradient_with_a_finite_loss_skips_the_step():
     assert_unchanged(before, model, optimizer)
 
 
-def result(skipped):
+def result(skipped, lr):
     nan = float("nan")
     losses = {"total": nan, "xy": 0.25, "wh": nan, "obj": 1.5, "cls": 0.125} if skipped else \
         {"total": 2.0, "xy": 0.5, "wh": 0.5, "obj": 0.5, "cls": 0.5}
-    return StepResult(losses, nan if skipped else 3.0, skipped)
+    return StepResult(losses, nan if skipped else 3.0, skipped, lr=lr)
 
 
 def test_counter_stops_only_after_max_bad_steps_in_a_row(tmp_path):
     counter = BadStepCounter(3, tmp_path / "last.pt")
     pattern = [False, True, True, False, True, True]  # never 3 in a row
-    assert all(counter.update(i + 1, result(bad), 1e-3) is None for i, bad in enumerate(pattern))
+    assert all(counter.update(i + 1, result(bad, 1e-3)) is None for i, bad in enumerate(pattern))
     (tmp_path / "last.pt").write_bytes(b"")
-    message = counter.update(7, result(True), 1.5e-4)
+    message = counter.update(7, result(True, 1.5e-4))
     assert message == ("3 optimiser steps in a row had a non-finite loss or gradient (train.max_bad_steps=3); the "
                        "last was step 7: loss nan (xy 0.25 wh nan obj 1.5 cls 0.125), grad norm nan, lr 1.50e-04. "
                        f"{tmp_path / 'last.pt'} is left as the last good checkpoint. Look for NaN/Inf in the data, "
@@ -95,7 +95,7 @@ def test_counter_stops_only_after_max_bad_steps_in_a_row(tmp_path):
 
 def nan_loss_at(monkeypatch, bad_steps):
     """Make main.py's loss NaN (total and the obj term) at these 1-based micro-batch calls (one per step here)."""
-    real_build = engine.build_loss
+    real_build = engine.state.build_loss
 
     def build(model, loss_cfg):
         loss_fn, calls = real_build(model, loss_cfg), [0]
@@ -108,7 +108,7 @@ def nan_loss_at(monkeypatch, bad_steps):
             return total, terms
         return loss
 
-    monkeypatch.setattr(engine, "build_loss", build)
+    monkeypatch.setattr(engine.state, "build_loss", build)
 
 
 def test_isolated_bad_steps_are_skipped_and_counted(shapes, tmp_path, monkeypatch):

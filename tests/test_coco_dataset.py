@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import DATA
+from conftest import DATA, boxes_to_original
 from PIL import Image
 
 from datasets.coco import CocoDetection, DatasetError, collate
@@ -44,7 +44,7 @@ def test_real_coco_crowd_is_kept_as_an_ignore_region():
     assert len(targets) == 15 and (targets[:, 0] == -1).sum() == 1  # class -1: the crowd region
     crowd = next(a for a in anns if a["iscrowd"])
     x, y, w, h = crowd["bbox"]
-    back = meta["letterbox"].to_original(xyxy(targets[targets[:, 0] == -1]))
+    back = boxes_to_original(xyxy(targets[targets[:, 0] == -1]), meta)
     assert torch.allclose(back, torch.tensor([[x, y, x + w, y + h]], dtype=torch.float32), atol=0.5)
     assert len(ds.object_boxes(crowd_image)) == 14
 
@@ -60,7 +60,7 @@ def test_real_coco_letterbox_maps_back_within_half_a_pixel():
         assert (w, h) == (info["width"], info["height"])
         anns = [a for a in ds.coco.loadAnns(ds.coco.getAnnIds(imgIds=[image_id])) if not a["iscrowd"]]
         expected = np.array([[x, y, min(x + bw, w), min(y + bh, h)] for x, y, bw, bh in (a["bbox"] for a in anns)])
-        back = meta["letterbox"].to_original(xyxy(targets)).numpy()
+        back = boxes_to_original(xyxy(targets), meta).numpy()
         assert back.shape == expected.reshape(-1, 4).shape
         if len(anns):
             assert np.abs(back - expected).max() < 0.5

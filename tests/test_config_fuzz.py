@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import main as train_main
 from datasets.loader import MultiScaleBatchSampler, train_sizes
 from datasets.transforms import Preprocess, build_augmentation
-from engine import build_optimizer, build_scheduler, lr_factor
+from engine.optim import build_optimizer, build_scheduler, lr_factor
 from models import DARKNET_ANCHORS, build_model
 from models.loss import build_loss
 from utils.config import Config, ConfigError, config_from_dict, config_to_dict

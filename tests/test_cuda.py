@@ -3,7 +3,7 @@ training. Skipped where no CUDA device exists (CI); run them on a GPU machine wi
 import pytest
 import torch
 
-from engine import train_step
+from engine.train import train_step
 from models import build_model
 from models.loss import build_loss
 from models.postprocess import postprocess
@@ -125,6 +125,6 @@ def test_forms_on_cuda_default_to_fp32_and_autocast_matches_it():
 
 
 def test_train_amp_auto_on_cuda_is_bf16_where_the_gpu_has_it():
-    from engine import autocast_dtype
+    from engine.state import autocast_dtype
     expected = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     assert autocast_dtype("auto", CUDA) == expected and autocast_dtype("fp16", CUDA) == torch.float16

@@ -11,7 +11,7 @@ from torchvision.ops import batched_nms
 
 from datasets.coco_eval import COCO_STATS, coco_evaluate, to_coco_rows
 from datasets.loader import build_dataset, build_loader
-from engine import evaluate
+from engine.evaluate import evaluate
 from models.postprocess import grouped_nms, nms_best_first, postprocess, to_original_pixels, top_per_image
 from utils.config import load_config
 
@@ -225,3 +225,28 @@ def test_to_original_pixels_inverts_and_clips():
     out = to_original_pixels(det, metas)
     assert out[0].tolist() == pytest.approx([0, 20, 20, 180, 80, 0.9, 1])
     assert out[1, 1:5].tolist() == pytest.approx([0, 0, 200, 100])  # clipped to the 200 x 100 image
+
+
+def test_detect_batch_gives_original_pixels_and_keeps_every_modules_mode():
+    """grid_model: one 16 x 16 box per stride-32 cell, class 2. A 128 x 64 (W x H) image letterboxed to 64 px is
+    scaled by 0.5 and padded 16 px at the top, so the 2 x 2 cells' boxes (8-24, 40-56 px on each axis) come back at
+    x 16-48 and 80-112, y (8 - 16) / 0.5 = -16 -> 0 to 16 and 48 to 80 -> 64 (clipped to the image)."""
+    from conftest import grid_model
+
+    from engine.evaluate import detect_batch
+    from inference import letterbox_batch
+    from utils.config import EvalConfig
+
+    model = grid_model(num_classes=3).train()
+    model.head16.eval()  # a module in another mode than the model's, as a frozen encoder is
+    modes = {name: m.training for name, m in model.named_modules()}
+    batch, metas = letterbox_batch([np.zeros((64, 128, 3), np.uint8)], 64)
+    detections, _ = detect_batch(model, batch, metas, EvalConfig(), torch.device("cpu"))
+    boxes = detections[:, 1:5][(detections[:, 1].round() * 1000 + detections[:, 2].round()).argsort()]  # x, then y
+    expected = torch.tensor([[16.0, 0, 48, 16], [16, 48, 48, 64], [80, 0, 112, 16], [80, 48, 112, 64]])
+    assert torch.allclose(boxes, expected, atol=1e-4)  # float32 decoding
+    assert detections[:, 0].tolist() == [0] * 4 and detections[:, 6].tolist() == [2] * 4
+    assert {name: m.training for name, m in model.named_modules()} == modes  # no caller switches it back
+    model.eval()
+    detect_batch(model, batch, metas, EvalConfig(), torch.device("cpu"))
+    assert not any(m.training for m in model.modules())

@@ -15,7 +15,8 @@ from test_train import ROOT, run_args, run_two_ranks
 import main as train_main
 from datasets.coco_names import COCO_NAMES
 from datasets.shapes import SHAPE_CLASSES, generate_shapes
-from engine import TimeBudget, lr_factor, resolve_schedule
+from engine.budget import TimeBudget
+from engine.optim import lr_factor, resolve_schedule
 from models import build_model
 from models.transfer import Transfer, cut_prefix, normalize_name, start_from, transfer_state
 from utils.checkpoint import load_checkpoint, save_checkpoint
@@ -195,7 +196,7 @@ def test_time_limited_run_ends_in_time_with_its_whole_schedule_and_resumes_its_p
     assert resumed["state"]["step"] == steps  # the fitted plan, not train.steps (500,200)
 
 
-TimeBudgetProbe = 12  # engine.TimeBudget.PROBE_STEPS: a fitted run is at least that long
+TimeBudgetProbe = 12  # engine/budget.py TimeBudget.PROBE_STEPS: a fitted run is at least that long
 
 
 def alternating_sizes(start: int, stop: int) -> np.ndarray:

@@ -9,7 +9,9 @@ import pytest
 import torch
 from conftest import DATA, grid_model
 
-import engine
+import engine.evaluate
+import engine.state
+import engine.train
 import inference
 import validation
 from models import build_model, forms
@@ -220,7 +222,7 @@ def test_bf16_training_on_the_cpu_brings_the_loss_down_and_starts_where_fp32_doe
         scaler = torch.amp.GradScaler("cpu", enabled=False)
         x = batch.contiguous(memory_format=torch.channels_last)
         steps = 1 if dtype is None else 8
-        results = [engine.train_step(model, loss_fn, [(x, targets)], optimizer, scaler, dtype, 10.0)
+        results = [engine.train.train_step(model, loss_fn, [(x, targets)], optimizer, scaler, dtype, 10.0)
                    for _ in range(steps)]
         first[dtype] = results[0].losses["total"]
     losses = [r.losses["total"] for r in results]
@@ -230,11 +232,12 @@ def test_bf16_training_on_the_cpu_brings_the_loss_down_and_starts_where_fp32_doe
 
 
 def test_train_amp_auto(monkeypatch):
-    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: True)
-    assert engine.autocast_dtype("auto", CPU) == torch.bfloat16
-    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: False)
-    assert engine.autocast_dtype("auto", CPU) is None
-    assert engine.autocast_dtype("fp16", CPU) is None and engine.autocast_dtype("bf16", CPU) == torch.bfloat16
+    monkeypatch.setattr(engine.state, "cpu_has_native_bf16", lambda: True)
+    assert engine.state.autocast_dtype("auto", CPU) == torch.bfloat16
+    monkeypatch.setattr(engine.state, "cpu_has_native_bf16", lambda: False)
+    assert engine.state.autocast_dtype("auto", CPU) is None
+    assert engine.state.autocast_dtype("fp16", CPU) is None
+    assert engine.state.autocast_dtype("bf16", CPU) == torch.bfloat16
     assert load_config(ROOT / "args.yaml").train.amp == "fp16"  # the default keeps its meaning on GPUs
     assert load_config(ROOT / "args.yaml", ["train.amp=auto", "eval.amp=bf16"]).eval.amp == "bf16"
     with pytest.raises(ConfigError, match=r"eval.amp='on': unknown amp 'on'.*valid amps: auto, fp32, bf16, fp16"):
@@ -244,10 +247,10 @@ def test_train_amp_auto(monkeypatch):
 def test_training_evaluates_in_the_probed_form_and_keeps_the_mode(native, monkeypatch):
     monkeypatch.setattr(forms, "probe_forms", lambda models, example: {"fp32": 2.0, "bf16": 1.0})
     model = build_model("yolov3-tiny", num_classes=3).train()
-    form = engine.evaluation_form(model, "auto", 64, CPU)
+    form = engine.evaluate.evaluation_form(model, "auto", 64, CPU)
     assert form.name == "bf16" and form.dtype == torch.bfloat16 and model.training
     assert not any(isinstance(m, PackedConv2d) for m in model.modules())  # the live weights are never packed
-    assert engine.evaluation_form(model, "fp32", 64, CPU) == Form("fp32")
+    assert engine.evaluate.evaluation_form(model, "fp32", 64, CPU) == Form("fp32")
 
 
 # -- the tools' options --------------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@ modules, and every arrow goes down the layers of docs/DESIGN.md.
 
     utils/                          shared by every layer; imports nothing of ours above it
     models/   datasets/             models know no datasets, datasets know no network
-    engine/                         training, the one prediction / evaluation path
+    engine/                         training and the one prediction / evaluation path, a package by job (state,
+                                    train, optim, ema, evaluate, budget, progress)
     inference.py                    the inference tools' glue (may call engine's prediction path)
     scripts (main.py, ...) tools/ bench/ reliability/    import anything below; nothing imports a script
 
@@ -158,6 +159,18 @@ def test_the_graph_sees_the_real_imports():
     below_engine = set().union(*(targets for name, targets in graph.items() if name.split(".")[0] == "engine"))
     assert {"models", "datasets", "utils"} <= {t.split(".")[0] for t in below_engine}
     assert {"engine", "datasets", "models"} <= {t.split(".")[0] for t in graph["main"]}
+    # engine/ by job (docs/DESIGN.md); the tools' detection is evaluation's own detect_batch
+    assert {"engine", "engine.state", "engine.train", "engine.optim", "engine.ema", "engine.evaluate", "engine.budget",
+            "engine.progress"} <= set(graph)
+    assert "engine.evaluate" in graph["inference"] and "engine.state" in graph["engine.train"]
+
+
+def test_a_circle_among_the_real_engine_modules_is_found():
+    graph = import_graph()
+    assert find_cycle(graph) is None
+    graph["engine.state"] = graph["engine.state"] | {"engine.train"}  # state importing train closes a circle
+    cycle = find_cycle(graph)
+    assert cycle[0] == cycle[-1] and sorted(cycle[1:]) == ["engine.state", "engine.train"]
 
 
 def write_tree(root: Path, files: dict[str, str]) -> Path:

@@ -1,8 +1,8 @@
-"""The end-of-run mix of start and trained weights (models/merge.py): hand-computed mixes and searches."""
+"""The end-of-run mix of start and trained weights (engine/merge.py): hand-computed mixes and searches."""
 import pytest
 import torch
 
-from models.merge import best_mix, interpolate
+from engine.merge import best_mix, interpolate
 
 
 def test_interpolate_mixes_floats_and_keeps_counters_from_the_trained_end():

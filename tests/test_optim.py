@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from engine import build_optimizer, build_scheduler, lr_factor
+from engine.optim import build_optimizer, build_scheduler, lr_factor
 from models import build_model
 from tools.lr_scheduler_creator import main as plot_main
 from tools.lr_scheduler_creator import sample_steps

@@ -13,7 +13,8 @@ from conftest import DATA
 import batch_overfit
 import main as train_main
 from datasets.shapes import generate_shapes
-from engine import ModelEMA, train_step
+from engine.ema import ModelEMA
+from engine.train import train_step
 from models import build_model
 from models.loss import build_loss
 from utils.checkpoint import load_checkpoint
@@ -115,7 +116,9 @@ def test_the_default_limit_leaves_a_fresh_models_steps_alone():
 def test_progress_window_counts_clipped_steps(caplog):
     from types import SimpleNamespace
 
-    from engine import ProgressWindow, StepResult, TrainState
+    from engine.progress import ProgressWindow
+    from engine.state import TrainState
+    from engine.train import StepResult
 
     class Scalars:
         def scalars(self, values, step):
@@ -139,7 +142,8 @@ def test_both_recipes_bring_the_loss_down_on_real_images(config):
     """The seed's Adam recipe and the paper's SGD one, augmentation included, on the 4 COCO training images of
     tests/data at 96 px with yolov3-tiny: the mean loss of the last 5 of 40 steps is well below the first 5's."""
     from datasets.loader import build_dataset, build_loader
-    from engine import Trainer, micro_batches
+    from engine.state import Trainer
+    from engine.train import micro_batches
 
     small = [f"data.root={DATA / 'coco'}", "model.arch=yolov3-tiny", "model.pretrained=false", "data.img_size=96",
              "data.multiscale=null", "data.workers=0", "train.batch_size=4", "train.subdivisions=1", "train.burn_in=5",
@@ -174,6 +178,25 @@ def test_ema_ramps_and_averages():
     other = ModelEMA(model, decay=0.5, ramp=1.0)
     other.load_state_dict(state)
     assert other.updates == 1 and other.module.weight.item() == ema.module.weight.item()
+
+
+def test_a_checkpoint_holds_what_earlier_versions_wrote_and_loads_back():
+    """The keys of Trainer.state_dict are the checkpoint format: last.pt files of earlier runs must go on resuming."""
+    from engine.state import Trainer
+
+    cfg = load_config(ROOT / "args.yaml", ["model.num_classes=3", "model.arch=yolov3-tiny"])
+    torch.manual_seed(0)
+    trainer = Trainer.build(build_model("yolov3-tiny", num_classes=3), cfg, torch.device("cpu"), ["a", "b", "c"])
+    trainer.state.step, trainer.state.best_metric = 7, 0.25
+    saved = trainer.state_dict()
+    assert set(saved) == {"model", "ema", "optimizer", "scheduler", "scaler", "state", "config", "class_names", "rng"}
+    assert set(saved["state"]) == {"step", "epoch", "batch_in_epoch", "best_metric", "best_step",
+                                   "evals_without_improvement", "skipped_steps", "skipped_images", "planned_steps"}
+    assert set(saved["ema"]) == {"module", "updates"} and set(saved["rng"]) == {"torch", "cuda", "numpy", "python"}
+    other = Trainer.build(build_model("yolov3-tiny", num_classes=3), cfg, torch.device("cpu"), ["a", "b", "c"])
+    other.load_state_dict(saved)
+    assert other.state.step == 7 and other.state.best_metric == 0.25
+    assert all(torch.equal(v, other.model.state_dict()[k]) for k, v in saved["model"].items())
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+from conftest import boxes_to_original
 
 from datasets.transforms import (
     AUGMENTATIONS,
@@ -57,7 +58,8 @@ def test_letterbox_by_hand():
     assert torch.allclose(targets, torch.tensor([[1.0, 100.0, 170.0, 80.0, 60.0]]))
     assert (tensor[:, :40] == PAD_VALUE).all() and (tensor[:, 40] != PAD_VALUE).all()
     assert np.allclose(white_extent(tensor), [60, 140, 140, 200], atol=1)
-    assert np.allclose(lb.to_original(torch.tensor([[60.0, 140.0, 140.0, 200.0]])), boxes)
+    meta = {"letterbox": lb, "orig_size": image.shape[:2]}
+    assert np.allclose(boxes_to_original(torch.tensor([[60.0, 140.0, 140.0, 200.0]]), meta), boxes)
 
 
 def test_resize_and_pad_shapes():

@@ -13,7 +13,7 @@ from pathlib import Path
 import matplotlib
 import matplotlib.pyplot as plt
 
-from engine import lr_factor
+from engine.optim import lr_factor
 from utils.cli import add_config_args, parse_cli
 from utils.config import TrainConfig
 

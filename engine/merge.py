@@ -10,8 +10,16 @@ and alpha = 1 (the trained weights) wins where the data teaches something new.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
+import numpy as np
 import torch
+from torch import nn
+
+from engine.evaluate import EvalResult
+from engine.state import Trainer
+from utils.checkpoint import load_checkpoint
+from utils.logger import log
 
 ALPHAS = (0.5, 0.25, 0.75)  # tried in this order after the two ends: a halving search with two evaluations
 
@@ -33,3 +41,28 @@ def best_mix(score: Callable[[float], float], start_score: float, end_score: flo
     scores[side] = score(side)
     best = max(sorted(scores, reverse=True), key=lambda a: scores[a])  # ties: the larger alpha (more training kept)
     return best, scores
+
+
+def keep_start(trainer: Trainer, model: nn.Module, start_file: Path, trained: EvalResult,
+               evaluate_now: Callable[[], EvalResult], metric: str, record: Callable[[EvalResult], bool]) -> None:
+    """train.keep_start: put into the trained model (and its EMA) the mix of start and trained weights that scores
+    best (models/merge.py; alpha 0 is the start, 1 the trained weights), evaluating two mixes; the chosen one is
+    recorded as the run's last evaluation (best.pt too, if it is the best)."""
+    start = load_checkpoint(start_file)
+    ends = {id(m): {k: v.clone() for k, v in m.state_dict().items()} for m in {trainer.eval_model, model}}
+    results = {1.0: trained}
+
+    def score(alpha: float) -> float:
+        trainer.eval_model.load_state_dict(interpolate(start["model"], ends[id(trainer.eval_model)], alpha))
+        results[alpha] = evaluate_now()
+        log.info("keep_start: %.2f x start + %.2f x trained weights | %s %.4f", 1 - alpha, alpha, metric,
+                 results[alpha].stats[metric])
+        return results[alpha].stats[metric]
+
+    alpha, scores = best_mix(score, start["stats"][metric], trained.stats[metric])
+    for m in {trainer.eval_model, model}:
+        m.load_state_dict(interpolate(start["model"], ends[id(m)], alpha))
+    log.info("keep_start: last.pt holds %.2f x start + %.2f x trained weights (%s: %s)", 1 - alpha, alpha, metric,
+             ", ".join(f"{a:.2f} -> {v:.4f}" for a, v in sorted(scores.items())))
+    if alpha < 1.0:  # the last evaluation in the log and evals.jsonl is last.pt's
+        record(results.get(alpha) or EvalResult(start["stats"], {}, "", np.zeros((0, 7))))

@@ -198,8 +198,8 @@ def test_faster_coco_eval_backend_gives_the_same_numbers():
     pytest.importorskip("faster_coco_eval")
     _, dataset, loader = val_setup()
     _, rows = predictions_from_annotations(dataset, loader, shift=(3.3, -2.1), seed=1)
-    a, per_a, _ = coco_evaluate(dataset.coco, rows, dataset.ids, dataset.class_names, "pycocotools")
-    b, per_b, table = coco_evaluate(dataset.coco, rows, dataset.ids, dataset.class_names, "faster_coco_eval")
+    a, per_a, _, _ = coco_evaluate(dataset.coco, rows, dataset.ids, dataset.class_names, "pycocotools")
+    b, per_b, table, _ = coco_evaluate(dataset.coco, rows, dataset.ids, dataset.class_names, "faster_coco_eval")
     assert [a[k] for k in COCO_STATS] == pytest.approx([b[k] for k in COCO_STATS], abs=1e-6)
     assert table.count("Average Precision") == 6
 

@@ -167,12 +167,12 @@ def match_detections(rows: np.ndarray, targets: dict[int, tuple[np.ndarray, np.n
     """COCO rows (M, 7) [image_id, x, y, w, h, score, category_id] against per-image ground truth (xyxy (G, 4),
     classes (G,) with CROWD_CLASS for crowd regions) -> the threshold curves (every row) and the confusion matrix
     of the rows with score > conf_threshold (detect.conf_threshold: what detect.py would draw)."""
-    K = num_classes  # noqa: N806 (the matrix's background index)
+    background = num_classes  # the confusion matrix's last row and column
     tp, scores, classes, truth, predicted = [], [], [], [], []
-    num_gt = np.zeros(K, np.int64)
+    num_gt = np.zeros(num_classes, np.int64)
     for det_xyxy, det_scores, det_classes, gt_xyxy, gt_classes in _per_image(rows, targets, image_ids,
                                                                              category_to_class):
-        num_gt += np.bincount(gt_classes[gt_classes != CROWD_CLASS], minlength=K)
+        num_gt += np.bincount(gt_classes[gt_classes != CROWD_CLASS], minlength=num_classes)
         matched, ignored = match_image(det_xyxy, det_scores, det_classes, gt_xyxy, gt_classes, same_class=True)
         tp.append(matched[~ignored] >= 0)
         scores.append(det_scores[~ignored])
@@ -183,13 +183,18 @@ def match_detections(rows: np.ndarray, targets: dict[int, tuple[np.ndarray, np.n
                                        same_class=False)
         hit = matched >= 0
         missed = np.setdiff1d(np.flatnonzero(gt_classes != CROWD_CLASS), matched[hit])
-        truth += [gt_classes[matched[hit]], np.full((~hit & ~ignored).sum(), K), gt_classes[missed]]
-        predicted += [det_classes[shown][hit], det_classes[shown][~hit & ~ignored], np.full(len(missed), K)]
-    cat = lambda parts, dtype: np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)  # noqa: E731
-    confusion = np.bincount(cat(truth, np.int64) * (K + 1) + cat(predicted, np.int64),
-                            minlength=(K + 1) ** 2).reshape(K + 1, K + 1)
-    curves = threshold_curves(cat(tp, bool), cat(scores, np.float64), cat(classes, np.int64), num_gt)
+        truth += [gt_classes[matched[hit]], np.full((~hit & ~ignored).sum(), background), gt_classes[missed]]
+        predicted += [det_classes[shown][hit], det_classes[shown][~hit & ~ignored], np.full(len(missed), background)]
+    side = num_classes + 1
+    confusion = np.bincount(_concat(truth, np.int64) * side + _concat(predicted, np.int64),
+                            minlength=side ** 2).reshape(side, side)
+    curves = threshold_curves(_concat(tp, bool), _concat(scores, np.float64), _concat(classes, np.int64), num_gt)
     return Matches(curves, confusion)
+
+
+def _concat(parts: list[np.ndarray], dtype: type) -> np.ndarray:
+    """Per-image arrays -> one (N,) array of `dtype` (empty when there are no images)."""
+    return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
 
 
 def write_evaluation_plots(rows: np.ndarray, pr50: np.ndarray, dataset: CocoDetection, conf_threshold: float,

@@ -29,6 +29,7 @@ import torch
 
 from datasets.coco import CocoDetection, DatasetError
 from datasets.coco_names import COCO_NAMES
+from datasets.eval_curves import best_threshold_line, write_evaluation_plots
 from datasets.loader import LoaderError, build_loader, dataset_for_model
 from engine.budget import TimeBudget, fit_to_time
 from engine.evaluate import EvalResult, evaluate, evaluation_form, prediction_grid
@@ -134,13 +135,20 @@ def make_run_dir(cfg: Config, resume: Path | None, main_process: bool) -> Path:
 
 def log_evaluation(result: EvalResult, val_loader: torch.utils.data.DataLoader, cfg: Config, logger: RunLogger,
                    step: int) -> None:
-    """An evaluation's numbers to the log, TensorBoard and evals.jsonl, and its picture to predictions.png."""
+    """An evaluation's numbers to the log, TensorBoard and evals.jsonl, and its pictures to the run folder:
+    predictions.png and datasets/eval_curves.py's PR curves, threshold curves and confusion matrix."""
     log.info("eval at step %d | %s", step, " ".join(f"{k} {result.stats[k]:.4f}" for k in COCO_STATS))
     if not logger.enabled:
         return
     logger.scalars({f"eval/{k}": v for k, v in result.stats.items()}, step)
+    pictures, plots = write_evaluation_plots(result.rows, result.pr50, val_loader.dataset, cfg.detect.conf_threshold,
+                                             logger.run_dir)  # pr_curve.png, threshold_curves.png, confusion_matrix*
+    log.info("eval at step %d | %s", step, best_threshold_line(plots))
+    for name, picture in pictures.items():
+        logger.image(f"eval/{name}", picture, step)
     logger.evaluation({"stats": result.stats, "per_class_ap50": {k: None if np.isnan(v) else v
-                                                                 for k, v in result.per_class_ap50.items()}}, step)
+                                                                 for k, v in result.per_class_ap50.items()},
+                       "plots": plots}, step)
     if cfg.logging.images:
         grid = prediction_grid(val_loader.dataset, result.rows, cfg.logging.images)
         logger.image("eval/predictions", grid, step)

@@ -6,8 +6,9 @@
 
 A .pt checkpoint brings its own model config; a .weights file is read into the model of args.yaml's `model:`
 section. The data and the post-processing come from the config (`data:`, `eval:`) and the options below. Results
-are written next to the weights (or into --out): <stem>_val<size>.json with every number, and with --save-json
-the detections in the COCO results format.
+are written next to the weights (or into --out): <stem>_val<size>.json with every number, the pictures
+<stem>_val<size>_{pr_curve,threshold_curves,confusion_matrix,confusion_matrix_normalized}.png (not with --no-plots),
+and with --save-json the detections in the COCO results format.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import numpy as np
 
 from datasets.coco import DatasetError
 from datasets.coco_eval import coco_evaluate, rows_to_json, save_json
+from datasets.eval_curves import best_threshold_line, write_evaluation_plots
 from datasets.loader import LoaderError, build_loader, dataset_for_model
 from engine.evaluate import evaluate
 from inference import add_speed_args, amp_mode, tool_ready_for_inference
@@ -39,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save-json", action="store_true", help="also write the detections (COCO results format)")
     parser.add_argument("--per-class", action="store_true", help="print AP50 per class")
     parser.add_argument("--out", type=Path, help="folder for the result files (default: next to --weights)")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PR curves, P/R/F1 against the threshold and "
+                        "the confusion matrix (at detect.conf_threshold)")
     parser.add_argument("--no-fuse", action="store_true", help="keep BatchNorm separate (default: fused)")
     add_speed_args(parser)
     return parser
@@ -81,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
         for threshold in sorted(args.conf):
             # post-processing is monotonic in the threshold: filtering the lowest threshold's output is exact
             rows = result.rows[result.rows[:, 5] > threshold]
-            stats, _, _ = coco_evaluate(dataset.coco, rows, dataset.ids, dataset.class_names, cfg.eval.backend)
+            stats, _, _, _ = coco_evaluate(dataset.coco, rows, dataset.ids, dataset.class_names, cfg.eval.backend)
             by_threshold[threshold] = {"detections": len(rows), "AP": stats["AP"], "AP50": stats["AP50"]}
             print(f"{threshold:>8} {len(rows):>11} {stats['AP']:>7.4f} {stats['AP50']:>7.4f}")
     if args.per_class:
@@ -94,6 +98,11 @@ def main(argv: list[str] | None = None) -> None:
     metrics = {"weights": str(args.weights), "images": len(dataset), "stats": result.stats,
                "per_class_ap50": {k: None if np.isnan(v) else v for k, v in result.per_class_ap50.items()},
                "by_conf": by_threshold, "seconds": result.seconds, "form": str(form), "config": config_to_dict(cfg)}
+    if not args.no_plots:
+        pictures, metrics["plots"] = write_evaluation_plots(result.rows, result.pr50, dataset,
+                                                            cfg.detect.conf_threshold, out, f"{stem}_")
+        print(f"{best_threshold_line(metrics['plots'])}\nwrote {', '.join(f'{stem}_{n}.png' for n in pictures)} "
+              f"into {out}")
     save_json(metrics, out / f"{stem}.json")
     print(f"wrote {out / f'{stem}.json'}")
     if args.save_json:

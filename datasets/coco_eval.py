@@ -35,13 +35,17 @@ def rows_to_json(rows: np.ndarray) -> list[dict]:
 
 
 def coco_evaluate(coco_gt: COCO, rows: np.ndarray, image_ids: list[int], class_names: list[str],
-                  backend: str = "pycocotools") -> tuple[dict[str, float], dict[str, float], str]:
-    """Score COCO rows against the ground truth on `image_ids`: (12 stats by name, per-class AP50, printed table).
+                  backend: str = "pycocotools") -> tuple[dict[str, float], dict[str, float], str, np.ndarray]:
+    """Score COCO rows against the ground truth on `image_ids`: (12 stats by name, per-class AP50, printed table,
+    precision at IoU 0.5 (101 recall points, K classes) with -1 for classes without ground truth: the PR curves).
 
     No detections is a valid result: every number is 0.0 (COCO's API itself cannot load an empty result list).
     """
     if not len(rows):
-        return dict.fromkeys(COCO_STATS, 0.0), dict.fromkeys(class_names, 0.0), "no detections: every AP and AR is 0"
+        present = {a["category_id"] for a in coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=image_ids, iscrowd=False))}
+        pr50 = np.array([[0.0 if c in present else -1.0 for c in sorted(coco_gt.cats)]] * 101)
+        return (dict.fromkeys(COCO_STATS, 0.0), dict.fromkeys(class_names, 0.0), "no detections: every AP and AR is 0",
+                pr50)
     if backend == "faster_coco_eval":
         evaluator = _faster_coco_eval(coco_gt, rows)
     else:
@@ -55,13 +59,13 @@ def coco_evaluate(coco_gt: COCO, rows: np.ndarray, image_ids: list[int], class_n
         evaluator.summarize()
     stats = {name: float(v) for name, v in zip(COCO_STATS, evaluator.stats, strict=True)}
     # precision: (IoU thresholds, recall points, classes, area ranges, max dets); IoU .50, all areas, 100 dets
-    precision = evaluator.eval["precision"][0, :, :, 0, -1]
+    precision = evaluator.eval["precision"][0, :, :, 0, -1]  # (101, K)
     per_class = {}
     for k, name in enumerate(class_names):
         valid = precision[:, k][precision[:, k] > -1]
         per_class[name] = float(valid.mean()) if valid.size else float("nan")
     table = "\n".join(line for line in printed.getvalue().splitlines() if line.startswith(" Average"))
-    return stats, per_class, table
+    return stats, per_class, table, np.array(precision)
 
 
 def _faster_coco_eval(coco_gt: COCO, rows: np.ndarray) -> object:

@@ -37,6 +37,7 @@ class EvalResult:
     table: str  # the COCO API's printed summary
     rows: np.ndarray  # (M, 7) [image_id, x, y, w, h, score, category_id], original pixels and category ids
     seconds: dict[str, float] = field(default_factory=dict)  # data, model, postprocess, cocoeval
+    pr50: np.ndarray | None = None  # (101 recall points, K) COCOeval precision at IoU 0.5, -1: no ground truth (rank 0)
 
 
 def evaluate(model: nn.Module, loader: DataLoader, eval_cfg: EvalConfig, device: torch.device,
@@ -48,12 +49,12 @@ def evaluate(model: nn.Module, loader: DataLoader, eval_cfg: EvalConfig, device:
     rows = all_gather_rows(rows)  # every rank predicted its shard (datasets/loader.py ShardSampler)
     dataset = loader.dataset
     start = time.perf_counter()
-    stats, per_class, table = {}, {}, ""
+    stats, per_class, table, pr50 = {}, {}, "", None
     if is_main_process():
-        stats, per_class, table = coco_evaluate(dataset.coco, rows, dataset.ids, dataset.class_names,
-                                                eval_cfg.backend)
+        stats, per_class, table, pr50 = coco_evaluate(dataset.coco, rows, dataset.ids, dataset.class_names,
+                                                      eval_cfg.backend)
     seconds["cocoeval"] = time.perf_counter() - start
-    return EvalResult(broadcast_object(stats), per_class, table, rows, seconds)
+    return EvalResult(broadcast_object(stats), per_class, table, rows, seconds, pr50)
 
 
 @torch.inference_mode()

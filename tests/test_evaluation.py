@@ -198,9 +198,10 @@ def test_faster_coco_eval_backend_gives_the_same_numbers():
     pytest.importorskip("faster_coco_eval")
     _, dataset, loader = val_setup()
     _, rows = predictions_from_annotations(dataset, loader, shift=(3.3, -2.1), seed=1)
-    a, per_a, _ = coco_evaluate(dataset.coco, rows, dataset.ids, dataset.class_names, "pycocotools")
-    b, per_b, table = coco_evaluate(dataset.coco, rows, dataset.ids, dataset.class_names, "faster_coco_eval")
+    a, per_a, _, pr_a = coco_evaluate(dataset.coco, rows, dataset.ids, dataset.class_names, "pycocotools")
+    b, per_b, table, pr_b = coco_evaluate(dataset.coco, rows, dataset.ids, dataset.class_names, "faster_coco_eval")
     assert [a[k] for k in COCO_STATS] == pytest.approx([b[k] for k in COCO_STATS], abs=1e-6)
+    assert pr_a.shape == (101, 80) and np.allclose(pr_a, pr_b, atol=1e-6)  # the PR curves' array too
     assert table.count("Average Precision") == 6
 
 

@@ -157,7 +157,7 @@ def test_missing_area_and_iscrowd_still_evaluate(tmp_path):
     path = write_annotation_case(tmp_path, next(c for c in annotation_cases() if c[0] == "no area, no iscrowd"))
     dataset = CocoDetection(tmp_path / "images", path, Preprocess(), img_size=64)
     rows = np.array([[1, 8, 8, 16, 16, 0.9, 3]])  # the ground-truth box itself: [image, x, y, w, h, score, category]
-    stats, _, _ = coco_evaluate(dataset.coco, rows, dataset.ids, dataset.class_names)
+    stats, _, _, _ = coco_evaluate(dataset.coco, rows, dataset.ids, dataset.class_names)
     assert stats["AP50"] == pytest.approx(1.0) and stats["AP"] == pytest.approx(1.0)
 
 

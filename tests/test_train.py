@@ -6,12 +6,14 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from conftest import DATA
 
 import batch_overfit
 import main as train_main
+from datasets.eval_curves import PLOT_FILES
 from datasets.shapes import generate_shapes
 from engine.ema import ModelEMA
 from engine.train import train_step
@@ -228,8 +230,11 @@ def test_run_folder_tensorboard_tags_and_best(shapes, tmp_path):
                                       "train.clip_grad_norm=1e-9", "--name", "tags"))
     run_dir = result["run_dir"]
     assert run_dir.parent == tmp_path and run_dir.name.endswith("_tags") and ":" not in run_dir.name
-    assert {"last.pt", "best.pt", "args.yaml", "evals.jsonl", "predictions.png"} <= {p.name for p in run_dir.iterdir()}
-    assert len((run_dir / "evals.jsonl").read_text().splitlines()) == 2  # at steps 2 and 4
+    assert {"last.pt", "best.pt", "args.yaml", "evals.jsonl", "predictions.png", *PLOT_FILES} <= \
+        {p.name for p in run_dir.iterdir()}
+    evaluations = [json.loads(line) for line in (run_dir / "evals.jsonl").read_text().splitlines()]
+    assert len(evaluations) == 2  # at steps 2 and 4
+    assert np.array(evaluations[-1]["plots"]["confusion_matrix"]).shape == (7, 7)  # 6 classes and the background
     events = EventAccumulator(str(run_dir), size_guidance={"images": 0}).Reload()
     scalars = set(events.Tags()["scalars"])
     assert {"loss/total", "loss/xy", "loss/wh", "loss/obj", "loss/cls", "lr", "grad_norm", "speed/images_per_s",
@@ -237,7 +242,8 @@ def test_run_folder_tensorboard_tags_and_best(shapes, tmp_path):
             "eval/ARl"} <= scalars
     assert [e.step for e in events.Scalars("loss/total")] == [1, 2, 3, 4]
     assert [e.value for e in events.Scalars("clip_fraction")] == [1.0] * 4  # a limit of 1e-9 clips every step
-    assert "eval/predictions" in events.Tags()["images"]
+    assert {"eval/predictions", *(f"eval/{name.removesuffix('.png')}" for name in PLOT_FILES)} <= \
+        set(events.Tags()["images"])
     saved = load_config(run_dir / "args.yaml")
     assert saved.model.arch == "yolov3-tiny" and saved.logging.name == "tags"
 

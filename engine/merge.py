@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -64,5 +63,5 @@ def keep_start(trainer: Trainer, model: nn.Module, start_file: Path, trained: Ev
         m.load_state_dict(interpolate(start["model"], ends[id(m)], alpha))
     log.info("keep_start: last.pt holds %.2f x start + %.2f x trained weights (%s: %s)", 1 - alpha, alpha, metric,
              ", ".join(f"{a:.2f} -> {v:.4f}" for a, v in sorted(scores.items())))
-    if alpha < 1.0:  # the last evaluation in the log and evals.jsonl is last.pt's
-        record(results.get(alpha) or EvalResult(start["stats"], {}, "", np.zeros((0, 7))))
+    if alpha < 1.0:  # the last evaluation in the log, evals.jsonl and the pictures is last.pt's (the start's again)
+        record(results.get(alpha) or evaluate_now())

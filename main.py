@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> dict:
         if diverged := bad_steps.update(state.step, result):
             raise SystemExit(f"error: {diverged}")  # no last.pt is written: the one on disk is the last good state
         if budget and budget.after_step(state.step, result.size, state.planned_steps is not None):
-            fit_to_time(budget, trainer, val_loader, device, eval_form.dtype, checkpoint("last.pt"), 3 if keep else 1)
+            fit_to_time(budget, trainer, val_loader, device, eval_form.dtype, checkpoint("last.pt"), 4 if keep else 1)
         progress.update(result)
         if state.step % cfg.train.checkpoint_every == 0:
             checkpoint("last.pt")

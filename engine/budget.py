@@ -97,7 +97,7 @@ class TimeBudget:
     def fit(self, step: int, eval_seconds: float, checkpoint_seconds: float, cfg: Config,
             current: int | None, final_evals: int = 1) -> int:
         """The step count that ends the run inside the limit (at least `step`), with `final_evals` evaluations at
-        its end (3 with train.keep_start's two mixes)."""
+        its end (up to 4 with train.keep_start: two mixes and the start again)."""
         seconds = self.seconds_at()
         left = self.limit * (1 - self.MARGIN) - (time.perf_counter() - self.started)
         lo, hi = (step, step + self.MAX_STEPS) if current is None else (int(self.REFIT_RANGE[0] * current),

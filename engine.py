@@ -713,7 +713,7 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, eval_cfg: EvalConfig, d
     stats, per_class, table, pr50 = {}, {}, "", None
     if is_main_process():
         stats, per_class, table, pr50 = coco_evaluate(dataset.coco, rows, dataset.ids, dataset.class_names,
-                                                eval_cfg.backend)
+                                                      eval_cfg.backend)
     seconds["cocoeval"] = time.perf_counter() - start
     return EvalResult(broadcast_object(stats), per_class, table, rows, seconds, pr50)
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from datasets.coco import CocoDetection
 from utils.boxes import CROWD_CLASS
-from utils.plots import plot_confusion_matrix, plot_pr_curves, plot_threshold_curves
+from utils.plots import plot_confusion_matrix, plot_pr_curves, plot_threshold_curves, release_fonts
 
 IOU_THRESHOLD = 0.5  # the pictures' match rule: COCO's AP50
 THRESHOLDS = np.arange(1001) / 1000  # score thresholds of the P/R/F1 curves; a detection counts when score > t
@@ -217,6 +217,7 @@ def write_evaluation_plots(rows: np.ndarray, pr50: np.ndarray, dataset: CocoDete
         "confusion_matrix_normalized": plot_confusion_matrix(matches.confusion, names, conf_threshold,
                                                              normalize=True),
     }
+    release_fonts()
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, picture in pictures.items():
         path = out_dir / f"{prefix}{name}.png"

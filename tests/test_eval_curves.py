@@ -21,6 +21,7 @@ from datasets.eval_curves import (
     write_evaluation_plots,
 )
 from datasets.transforms import Preprocess
+from reliability.common import open_fds
 from utils.boxes import CROWD_CLASS
 from utils.plots import plot_confusion_matrix, plot_pr_curves, plot_threshold_curves
 
@@ -119,7 +120,9 @@ def test_no_detections_draws_empty_curves(tmp_path):
     dataset, _ = hand_set(tmp_path)
     _, _, _, pr50 = coco_evaluate(dataset.coco, np.zeros((0, 7)), dataset.ids, dataset.class_names)
     assert pr50.shape == (101, 2) and (pr50 == 0).all()  # both classes have ground truth: precision 0, not -1
+    before = open_fds()
     pictures, summary = write_evaluation_plots(np.zeros((0, 7)), pr50, dataset, 0.25, tmp_path / "out")
+    assert open_fds() == before  # matplotlib's cached font files closed: training leaves no fd behind
     assert summary["best_f1_threshold"] is None and summary["confusion_matrix"] == [[0, 0, 2], [0, 0, 2], [0, 0, 0]]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(PLOT_FILES)
 

@@ -3,16 +3,19 @@ score threshold, confusion matrix), all as (H, W, 3) uint8 RGB arrays for files 
 from __future__ import annotations
 
 import colorsys
+import gc
 import math
 from collections.abc import Sequence
 
 import cv2
 import numpy as np
 import torch
+from matplotlib import font_manager, mathtext
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 
 from utils.boxes import CROWD_CLASS
 
@@ -91,6 +94,15 @@ def figure_to_image(fig: Figure) -> np.ndarray:
     canvas = FigureCanvasAgg(fig)
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def release_fonts() -> None:
+    """Close the font files matplotlib keeps open in its cache (call once the figures are gone): a run leaves no
+    file descriptor behind (reliability/endurance.py counts them). matplotlib clears this cache the same way after
+    a fork; the mathtext parser (a log colour bar's tick labels) holds fonts in its own cache."""
+    gc.collect()  # figures are reference cycles: free them, and with them their references to the fonts
+    mathtext.MathTextParser._parse_cached.cache_clear()
+    font_manager._get_font.cache_clear()
 
 
 def _class_curves(ax: Axes, x: np.ndarray, per_class: np.ndarray, mean: np.ndarray, names: Sequence[str],
@@ -174,7 +186,7 @@ def plot_confusion_matrix(matrix: np.ndarray, names: Sequence[str], conf_thresho
     # empty cells white; counts on a log scale, else the largest cell (often person -> background) washes out the rest
     norm = Normalize(0, 1) if normalize else LogNorm(1, max(values.max(), 2))
     image = ax.imshow(np.ma.masked_equal(values, 0), cmap="Blues", norm=norm, interpolation="nearest")
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, format=FuncFormatter(lambda v, _: f"{v:g}"))  # no mathtext
     ax.set_xticks(range(n), labels, rotation=90, fontsize=tick_size)
     ax.set_yticks(range(n), labels, fontsize=tick_size)
     ax.set_xlabel("predicted")

@@ -9,11 +9,13 @@ batch. A healthy setup drives the loss down and AP50 towards 1.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import torch
 
 from datasets.coco import CocoDetection, DatasetError, collate
 from datasets.coco_eval import coco_evaluate, to_coco_rows
+from datasets.formats import data_paths
 from datasets.transforms import Preprocess
 from models import build_model
 from models.loss import build_loss
@@ -30,11 +32,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args, cfg, device = parse_cli(parser, argv)
     if args.steps < 1 or args.images < 1:
         parser.error(f"--steps and --images must be at least 1, got {args.steps} and {args.images}")
-    images_dir, annotations = cfg.data.split_paths("train")
     try:
+        images_dir, annotations = data_paths(cfg.data, "train")
         dataset = CocoDetection(images_dir, annotations, Preprocess(), cfg.data.img_size, cfg.data.skip_bad_images)
     except (DatasetError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from e
+    if cfg.model.num_classes is None:  # unset: the data's
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=len(dataset.class_names)))
     if len(dataset.class_names) != cfg.model.num_classes:
         raise SystemExit(f"error: {annotations} has {len(dataset.class_names)} categories but model.num_classes is "
                          f"{cfg.model.num_classes}")
@@ -43,7 +47,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     images, targets = images.to(device), targets.to(device)
 
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model.arch, cfg.model.encoder, cfg.model.num_classes, cfg.model.anchors,
+    anchors = None if isinstance(cfg.model.anchors, str) else cfg.model.anchors  # "auto" re-fits in main.py only
+    model = build_model(cfg.model.arch, cfg.model.encoder, cfg.model.num_classes, anchors,
                         cfg.model.pretrained, cfg.model.pretrained_path).to(device).train()
     loss_fn = build_loss(model, cfg.loss)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)

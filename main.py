@@ -1,13 +1,15 @@
 """Train YOLOv3 on COCO or any COCO-format dataset.
 
     nohup python main.py --gpu 0 > nohup_0.out &                     # one GPU, args.yaml as it is
-    python main.py --device cpu --set data.root=data/shapes model.num_classes=6 ...
+    python main.py --device cpu --set data.root=data/shapes ...
+    python main.py --set data.root=path/to/roboflow/data.yaml                # YOLO / VOC layouts: datasets/formats.py
     python main.py --resume logs/<run>/last.pt                       # continue a run exactly where it stopped
     torchrun --nproc_per_node=4 main.py                              # DDP over 4 GPUs (train.batch_size is global)
 
 A run folder logs/<YYmmdd-HHMMSS>_<name>/ receives last.pt (every train.checkpoint_every steps, at the end and on
-SIGINT/SIGTERM), best.pt (best eval.metric), the resolved args.yaml, TensorBoard events, evals.jsonl and
-predictions.png (the latest evaluation's first validation images: true boxes white, predictions in class colours).
+SIGINT/SIGTERM), best.pt (best eval.metric), the resolved args.yaml, TensorBoard events, evals.jsonl,
+predictions.png (the latest evaluation's first validation images: true boxes white, predictions in class colours),
+and, from the start, dataset_report.txt and labels.png (datasets/report.py).
 
 The path of one training image: datasets/loader.py (decode, augment, letterbox, batch) -> engine.micro_batches ->
 engine.train_step (models/yolo.py forward, models/loss.py, backward, update). Of one validation image:
@@ -16,6 +18,7 @@ engine.evaluate (the model decodes, models/postprocess.py) -> datasets/coco_eval
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import signal
 import sys
 import time
@@ -27,9 +30,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from datasets.anchors import box_sizes, check_anchors
 from datasets.coco import CocoDetection, DatasetError
 from datasets.coco_names import COCO_NAMES
 from datasets.loader import LoaderError, build_dataset, build_loader
+from datasets.report import dataset_report
 from engine import (
     BadStepCounter,
     EvalResult,
@@ -90,10 +95,6 @@ def training_data(cfg: Config, world: int, device: torch.device
         raise SystemExit(f"error: {e}") from e
     if cfg.eval.subset:
         val_set.ids = val_set.ids[:cfg.eval.subset]
-    if len(train_set.class_names) != cfg.model.num_classes:
-        raise SystemExit(f"error: {train_set.ann_file} has {len(train_set.class_names)} categories but "
-                         f"model.num_classes is {cfg.model.num_classes}; set --set model.num_classes="
-                         f"{len(train_set.class_names)}")
     if cfg.train.micro_batch_size % world:
         raise SystemExit(f"error: the micro-batch (train.batch_size / train.subdivisions = "
                          f"{cfg.train.micro_batch_size}) must divide over {world} processes")
@@ -103,6 +104,28 @@ def training_data(cfg: Config, world: int, device: torch.device
         raise SystemExit(f"error: {len(train_set)} training images make no full micro-batch of "
                          f"{cfg.train.micro_batch_size // world}")
     return train_set, train_loader, val_loader
+
+
+def fit_to_data(cfg: Config, train_set: CocoDetection) -> Config:
+    """cfg with model.num_classes from the data when unset (a set one must match it) and model.anchors checked
+    against the training boxes at data.img_size, "auto" resolved (datasets/anchors.py): what the checkpoint keeps."""
+    names = train_set.class_names
+    if cfg.model.num_classes is not None and cfg.model.num_classes != len(names):
+        raise SystemExit(f"error: the data ({train_set.ann_file}) has {len(names)} classes but model.num_classes is "
+                         f"{cfg.model.num_classes}; leave model.num_classes unset (null) to take the data's, or set "
+                         f"it to {len(names)}")
+    wh, _ = box_sizes(train_set.coco.dataset, train_set.targets, {}, cfg.data.img_size)
+    anchors = check_anchors(wh, cfg.model.arch, cfg.model.anchors, cfg.train.seed)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=len(names), anchors=anchors))
+
+
+def report_data(train_set: CocoDetection, val_set: CocoDetection, model: torch.nn.Module, cfg: Config,
+                logger: RunLogger) -> None:
+    """The dataset report (datasets/report.py) to the log, the run folder and TensorBoard."""
+    text, image = dataset_report({"train": train_set, "val": val_set}, model.anchors.cpu().numpy(),
+                                 cfg.data.img_size, cfg.data.min_box_size, logger.run_dir)
+    log.info("%s", text)
+    logger.image("data/labels", image, 0)
 
 
 def build_start_model(cfg: Config, args: argparse.Namespace, resumed: bool, world: int, names: list[str]
@@ -182,6 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # -- data ----------------------------------------------------------------------------------------------------
     train_set, train_loader, val_loader = training_data(cfg, world, device)
+    cfg = fit_to_data(cfg, train_set)
 
     # -- model, loss, optimiser, schedule, precision, EMA ---------------------------------------------------------
     model, started_from_weights = build_start_model(cfg, args, resumed is not None, world, train_set.class_names)
@@ -197,6 +221,8 @@ def main(argv: list[str] | None = None) -> dict:
     # -- run folder and logs ----------------------------------------------------------------------------------------
     run_dir = make_run_dir(cfg, args.resume, main_process)
     logger = RunLogger(run_dir, main_process, state.step)
+    if main_process and not resumed:
+        report_data(train_set, val_loader.dataset, model, cfg, logger)
     eval_form = evaluation_form(trainer.eval_model, cfg.eval.amp, cfg.data.img_size, device)
     log.info("run %s | %s/%s, %d classes | %d train, %d val images | device %s x %d | step %d of %d | training in "
              "%s, evaluating in %s", run_dir, cfg.model.arch, cfg.model.encoder, cfg.model.num_classes,

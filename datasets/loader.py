@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from datasets.coco import CocoDetection, DatasetError, collate
+from datasets.formats import data_paths
 from datasets.transforms import Preprocess, build_augmentation
 from utils.config import Config
 
@@ -157,14 +158,15 @@ def ignore_foreign_sigterm(trainer: int) -> None:
 
 def build_dataset(cfg: Config, split: str) -> CocoDetection:
     """The dataset of split "train" (augmented) or "val" (letterbox only), from cfg.data (and cfg.augment)."""
-    images, annotations = cfg.data.split_paths(split)
+    images, annotations = data_paths(cfg.data, split)
     if not images.is_dir() or not annotations.is_file():
         missing = images if not images.is_dir() else annotations
         raise DatasetError(
             f"no {split} data: {missing} does not exist (data.root is {cfg.data.root!r}). Download COCO 2017 with "
             "`bash datasets/get_coco.sh` (into data/coco), or write the synthetic demo set with `python -m "
-            "datasets.shapes --out data/shapes` and use --set data.root=data/shapes model.num_classes=6, or point "
-            f"data.root / data.{split}_images / data.{split}_annotations at your COCO-format data.")
+            "datasets.shapes --out data/shapes` and use --set data.root=data/shapes, or point data.root at your "
+            "data: a COCO folder, a YOLO/Roboflow data.yaml (or its folder) or a Pascal VOC folder (or set "
+            f"data.{split}_images / data.{split}_annotations).")
     # validation keeps every box: it is scored against the annotation file, not against these targets
     preprocess = Preprocess()
     if split == "train":

@@ -21,7 +21,9 @@ def load_model(path: str | Path, cfg: Config) -> tuple[YOLO, Config]:
     .weights file (built from cfg.model); returns it with the config whose `model` section describes it."""
     path = Path(path)
     if path.suffix != ".pt":
-        model = build_model(cfg.model.arch, cfg.model.encoder, cfg.model.num_classes, cfg.model.anchors)
+        # a Darknet file holds COCO's 80 classes unless the config says otherwise; "auto" anchors are for training
+        anchors = None if isinstance(cfg.model.anchors, str) else cfg.model.anchors
+        model = build_model(cfg.model.arch, cfg.model.encoder, cfg.model.num_classes or 80, anchors)
         part = model.load_darknet_weights(path)
         if part != "full model":
             raise CheckpointError(f"{path} holds only the {part} backbone; evaluation needs a full model")
@@ -37,6 +39,7 @@ def model_from_checkpoint(state: dict, path: Path) -> tuple[YOLO, ModelConfig]:
     except ConfigError as e:
         raise CheckpointError(f"{path}: its stored config is invalid: {e}") from e
     model = build_model(model_cfg.arch, model_cfg.encoder, model_cfg.num_classes, model_cfg.anchors)
+    model.class_names = state.get("class_names")  # the training data's, in class order (None in older checkpoints)
     try:
         model.load_state_dict(checkpoint_weights(state))
     except RuntimeError as e:

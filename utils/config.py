@@ -79,14 +79,18 @@ class ModelConfig:
 
     arch: str = "yolov3"
     encoder: str = "darknet53"
-    num_classes: int = 80
-    anchors: list[list[int | float]] | None = None  # None: Darknet defaults for the arch
+    num_classes: int | None = None  # None: the training data's class count (main.py resolves it)
+    anchors: list[list[int | float]] | str | None = None  # None: Darknet's; "auto": re-fit if they fit badly
     pretrained: bool = False  # load ImageNet weights into the encoder
     pretrained_path: str | None = None  # local encoder weights file instead of the default source
 
     def check(self, origin: Origin) -> None:
         """Raise ConfigError for values the model cannot be built with."""
-        if problem := model_problem(self.arch, self.encoder, self.num_classes, self.anchors):
+        if isinstance(self.anchors, str) and self.anchors != "auto":
+            origin.fail("anchors", self.anchors, 'expected null, "auto" or [w, h] pairs')
+        anchors = None if isinstance(self.anchors, str) else self.anchors  # "auto" is resolved at the training start
+        classes = 1 if self.num_classes is None else self.num_classes  # None: the data's, at least 1
+        if problem := model_problem(self.arch, self.encoder, classes, anchors):
             origin.fail(*problem)
         if self.pretrained and self.pretrained_path is None and self.encoder == "darknet53":
             origin.fail("pretrained_path", None, "model.pretrained is true, and pretrained darknet53 loads "
@@ -116,7 +120,7 @@ def _check_size(origin: Origin, key: str, value: Any, size: int) -> None:
 class DataConfig:
     """Where the COCO-format data lives and how batches are formed."""
 
-    root: str = "data/coco"  # COCO 2017 layout: images/{train,val}2017, annotations/instances_{train,val}2017.json
+    root: str = "data/coco"  # COCO 2017 layout, a YOLO data.yaml (or its folder) or a VOC folder: datasets/formats.py
     train_images: str | None = None  # None: <root>/images/train2017
     train_annotations: str | None = None  # None: <root>/annotations/instances_train2017.json
     val_images: str | None = None

@@ -125,6 +125,7 @@ def report_data(train_set: CocoDetection, val_set: CocoDetection, model: torch.n
     text, image = dataset_report({"train": train_set, "val": val_set}, model.anchors.cpu().numpy(),
                                  cfg.data.img_size, cfg.data.min_box_size, logger.run_dir)
     log.info("%s", text)
+    logger.text("data/report", text, 0)
     logger.image("data/labels", image, 0)
 
 

@@ -414,7 +414,7 @@ def _yaml_names(path: Path, raw: dict) -> list[str]:
     """`names` as a list, or a dict {0: name, 1: ...}; checked against `nc` when given."""
     names = raw.get("names")
     if isinstance(names, dict):
-        if sorted(names) != list(range(len(names))):
+        if not all(type(k) is int for k in names) or sorted(names) != list(range(len(names))):
             raise LabelError(f"{path}: names has keys {sorted(names, key=str)[:10]}; expected the class indices "
                              f"0..{len(names) - 1}")
         names = [names[i] for i in range(len(names))]
@@ -490,7 +490,11 @@ def voc_splits(root: Path, skip_bad: bool = False) -> tuple[dict[str, list[tuple
             raise LabelError(f"{list_file}: not found; a VOC folder needs ImageSets/Main/train.txt and val.txt, one "
                              "image id (file name without suffix) per line")
         pairs, absent[split] = [], 0
-        for number, line in enumerate(list_file.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            lines = list_file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise LabelError(f"{list_file}: cannot read the image id list: {e}") from e
+        for number, line in enumerate(lines, 1):
             image_id = line.split()[0] if line.strip() else ""  # VOC's per-class lists add a 1/-1 column
             if not image_id:
                 continue

@@ -13,7 +13,7 @@ from models import YOLO, build_model
 from models.darknet import DarknetSizeError, conv_layer_tensors, save_darknet_weights
 from models.yolo import HeadOutput
 from utils.checkpoint import CheckpointError, checkpoint_weights, load_checkpoint
-from utils.config import ENCODERS, Config, ConfigError, ModelConfig, config_from_dict
+from utils.config import ANCHOR_MASKS, ENCODERS, Config, ConfigError, ModelConfig, config_from_dict
 
 
 def load_model(path: str | Path, cfg: Config) -> tuple[YOLO, Config]:
@@ -38,10 +38,16 @@ def model_from_checkpoint(state: dict, path: Path) -> tuple[YOLO, ModelConfig]:
         model_cfg = config_from_dict(state["config"], str(path)).model
     except ConfigError as e:
         raise CheckpointError(f"{path}: its stored config is invalid: {e}") from e
+    weights = checkpoint_weights(state)
+    if model_cfg.num_classes is None:  # a config that left it to the data (main.py stores the count): the heads'
+        out = weights.get("head32.out.weight")
+        if out is None:
+            raise CheckpointError(f"{path}: its config leaves model.num_classes unset and it holds no head32 weights")
+        model_cfg = dataclasses.replace(model_cfg, num_classes=out.shape[0] // len(ANCHOR_MASKS[model_cfg.arch][0]) - 5)
     model = build_model(model_cfg.arch, model_cfg.encoder, model_cfg.num_classes, model_cfg.anchors)
     model.class_names = state.get("class_names")  # the training data's, in class order (None in older checkpoints)
     try:
-        model.load_state_dict(checkpoint_weights(state))
+        model.load_state_dict(weights)
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not fit the {model_cfg.arch}/{model_cfg.encoder} model its config "
                               f"describes: {e}") from e

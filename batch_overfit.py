@@ -34,12 +34,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         dataset = dataset_for_model(cfg, "train", augment=False)
     except (DatasetError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from e
+    if cfg.model.num_classes is None:  # unset: the data's
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"num_classes": len(dataset.class_names)})})
     chosen = [i for i, image_id in enumerate(dataset.ids) if len(dataset.object_boxes(image_id))][:args.images]
     images, targets, metas = collate([dataset[i] for i in chosen])
     images, targets = images.to(device), targets.to(device)
 
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model.arch, cfg.model.encoder, cfg.model.num_classes, cfg.model.anchors,
+    anchors = None if isinstance(cfg.model.anchors, str) else cfg.model.anchors  # "auto" re-fits in main.py only
+    model = build_model(cfg.model.arch, cfg.model.encoder, cfg.model.num_classes, anchors,
                         cfg.model.pretrained, cfg.model.pretrained_path).to(device).train()
     loss_fn = build_loss(model, cfg.loss)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
@@ -63,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     detections, _ = detect_batch(model, images, metas, cfg.eval, device)  # evaluation's own path, in eval mode
     rows = to_coco_rows(detections, metas, dataset.category_ids)
     image_ids = [m["image_id"] for m in metas]
-    stats, _, _ = coco_evaluate(dataset.coco, rows, image_ids, dataset.class_names, cfg.eval.backend)
+    stats, *_ = coco_evaluate(dataset.coco, rows, image_ids, dataset.class_names, cfg.eval.backend)
     print(f"after {args.steps} steps: loss {loss.item():.4f}, AP50 on the batch {stats['AP50']:.4f} "
           f"(AP {stats['AP']:.4f})")
     return {"loss": loss.item(), **{k: float(v) for k, v in terms.items()}, "AP50": stats["AP50"], "AP": stats["AP"]}

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from datasets.formats import DatasetError, data_paths
 from datasets.sources import UnreadableError, find_sources, read_image
 from inference import letterbox_batch, unit_float
 from models.deploy import (
@@ -69,7 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
 def check_image(path: Path | None, cfg: Config) -> np.ndarray:
     """The check's image: --image, or the first image of data.val_images, as (H, W, 3) uint8 RGB."""
     if path is None:
-        folder = cfg.data.split_paths("val")[0]
+        try:
+            folder = data_paths(cfg.data, "val")[0]
+        except DatasetError as e:
+            raise SystemExit(f"error: the check's image comes from data.root: {e}; or give --image PATH") from e
         if not folder.is_dir():
             raise SystemExit(f"error: the check runs the exported files on a real image: give --image PATH "
                              f"(data.val_images, {folder}, does not exist)")

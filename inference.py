@@ -146,9 +146,11 @@ def inference_setup(args: argparse.Namespace) -> tuple[YOLO, Config, torch.devic
         model, cfg = load_model(args.weights, cfg)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from e
+    names = getattr(model, "class_names", None)  # a checkpoint's (models/transfer.py)
     model = model.fuse().half() if args.half else model.fuse()
     amp = "fp16" if args.half else amp_mode(args.amp, cfg.eval.amp, device)
     model, form = tool_ready_for_inference(model, device, cfg.data.img_size, amp, args.pack, args.compile)
+    model.class_names = names  # kept on whatever form runs, so the tools name classes without data
     return model, cfg, device, form
 
 

@@ -1,13 +1,15 @@
 """Train YOLOv3 on COCO or any COCO-format dataset.
 
     nohup python main.py --gpu 0 > nohup_0.out &                     # one GPU, args.yaml as it is
-    python main.py --device cpu --set data.root=data/shapes model.num_classes=6 ...
+    python main.py --device cpu --set data.root=data/shapes ...
+    python main.py --set data.root=path/to/roboflow/data.yaml                # YOLO / VOC layouts: datasets/formats.py
     python main.py --resume logs/<run>/last.pt                       # continue a run exactly where it stopped
     torchrun --nproc_per_node=4 main.py                              # DDP over 4 GPUs (train.batch_size is global)
 
 A run folder logs/<YYmmdd-HHMMSS>_<name>/ receives last.pt (every train.checkpoint_every steps, at the end and on
-SIGINT/SIGTERM), best.pt (best eval.metric), the resolved args.yaml, TensorBoard events, evals.jsonl and
-predictions.png (the latest evaluation's first validation images: true boxes white, predictions in class colours).
+SIGINT/SIGTERM), best.pt (best eval.metric), the resolved args.yaml, TensorBoard events, evals.jsonl,
+predictions.png (the latest evaluation's first validation images: true boxes white, predictions in class colours),
+and, from the start, dataset_report.txt and labels.png (datasets/report.py).
 
 The path of one training image: datasets/loader.py (decode, augment, letterbox, batch) -> engine/train.py
 micro_batches -> train_one_step -> train_step (models/yolo.py forward, models/loss.py, backward, update). Of one
@@ -27,10 +29,12 @@ import cv2
 import numpy as np
 import torch
 
+from datasets.anchors import box_sizes, check_anchors
 from datasets.coco import CocoDetection, DatasetError
 from datasets.coco_names import COCO_NAMES
 from datasets.eval_curves import best_threshold_line, write_evaluation_plots
 from datasets.loader import LoaderError, build_loader, dataset_for_model
+from datasets.report import dataset_report
 from engine.budget import TimeBudget, fit_to_time
 from engine.evaluate import EvalResult, evaluate, evaluation_form, prediction_grid
 from engine.merge import keep_start
@@ -96,6 +100,26 @@ def training_loaders(cfg: Config, train_set: CocoDetection, val_set: CocoDetecti
         raise SystemExit(f"error: {len(train_set)} training images make no full micro-batch of "
                          f"{cfg.train.micro_batch_size // world}")
     return train_loader, val_loader
+
+
+def fit_to_data(cfg: Config, train_set: CocoDetection) -> Config:
+    """cfg with model.num_classes from the data when unset (a set one must match it) and model.anchors checked
+    against the training boxes at data.img_size, "auto" resolved (datasets/anchors.py): what the checkpoint keeps."""
+    names = train_set.class_names  # a model.num_classes set by hand was checked against them (dataset_for_model)
+    wh, _ = box_sizes(train_set.coco.dataset, train_set.targets, {}, cfg.data.img_size)
+    anchors = check_anchors(wh, cfg.model.arch, cfg.model.anchors, cfg.train.seed)
+    model = cfg.model.model_copy(update={"num_classes": len(names), "anchors": anchors})
+    return cfg.model_copy(update={"model": model})
+
+
+def report_data(train_set: CocoDetection, val_set: CocoDetection, model: torch.nn.Module, cfg: Config,
+                logger: RunLogger) -> None:
+    """The dataset report (datasets/report.py) to the log, the run folder and TensorBoard."""
+    text, image = dataset_report({"train": train_set, "val": val_set}, model.anchors.cpu().numpy(),
+                                 cfg.data.img_size, cfg.data.min_box_size, logger.run_dir)
+    log.info("%s", text)
+    logger.text("data/report", text, 0)
+    logger.image("data/labels", image, 0)
 
 
 def build_start_model(cfg: Config, args: argparse.Namespace, resumed: bool, world: int, names: list[str]
@@ -171,6 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # -- data, and the recipe it calls for (a resumed run keeps the one its checkpoint's config resolved) ------------
     train_set, val_set = training_sets(cfg)
+    cfg = fit_to_data(cfg, train_set)
     if resumed is None:
         from_weights = bool(args.weights) or cfg.model.pretrained
         try:
@@ -194,6 +219,8 @@ def main(argv: list[str] | None = None) -> dict:
     # -- run folder and logs ----------------------------------------------------------------------------------------
     run_dir = make_run_dir(cfg, args.resume, main_process)
     logger = RunLogger(run_dir, main_process, state.step)
+    if main_process and not resumed:
+        report_data(train_set, val_loader.dataset, model, cfg, logger)
     eval_form = evaluation_form(trainer.eval_model, cfg.eval.amp, cfg.data.img_size, device)
     log.info("run %s | %s/%s, %d classes | %d train, %d val images | device %s x %d | step %d of %d | training in "
              "%s, evaluating in %s", run_dir, cfg.model.arch, cfg.model.encoder, cfg.model.num_classes,

@@ -64,6 +64,11 @@ def main(argv: list[str] | None = None) -> None:
         dataset = dataset_for_model(cfg, "val", model=str(args.weights))
     except (CheckpointError, DatasetError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from e
+    names = getattr(model, "class_names", None)  # a checkpoint's: the data must hold the same classes, in order
+    if names is not None and list(names) != dataset.class_names:
+        raise SystemExit(f"error: {args.weights} was trained on classes {names[:10]}{' ...' * (len(names) > 10)} but "
+                         f"{dataset.ann_file} holds {dataset.class_names[:10]}{' ...' * (len(names) > 10)}; point "
+                         "data.root at the model's data")
     if not args.no_fuse:
         model.fuse()
     loader = build_loader(cfg, dataset, train=False, batch_size=cfg.eval.batch_size, device=device)

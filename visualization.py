@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.source:
         try:
             sources, _ = find_sources(args.source)
-            class_names = class_table(cfg.data.split_paths("val")[1], model.num_classes)[0]
+            class_names = class_table(cfg.data.split_paths("val")[1], model.num_classes,
+                                      getattr(model, "class_names", None))[0]
         except (FileNotFoundError, ValueError, DatasetError) as e:
             raise SystemExit(f"error: {e}") from e
         if any(s.is_video for s in sources):

@@ -268,9 +268,21 @@ def collate(batch: list[Sample | None]) -> tuple[torch.Tensor, torch.Tensor, lis
 
 
 
-def class_table(ann_file: Path, num_classes: int) -> tuple[list[str], list[int]]:
-    """Names and annotation category ids of classes 0..C-1: the categories of `ann_file` sorted by id (as
-    CocoDetection orders them), or COCO's 80 when the file does not exist and the model has 80 classes."""
+def class_table(ann_file: Path, num_classes: int, names: list[str] | None = None) -> tuple[list[str], list[int]]:
+    """Names and annotation category ids of classes 0..C-1. With `names` (a checkpoint's): those, with the category
+    ids of `ann_file` when it exists and holds the same names, COCO's for COCO's 80, else 1..C. Without: the
+    categories of `ann_file` sorted by id (as CocoDetection orders them), or COCO's 80 when the file does not exist
+    and the model has 80 classes."""
+    if names is not None:
+        if len(names) != num_classes:
+            raise DatasetError(f"the checkpoint names {len(names)} classes but its model predicts {num_classes}")
+        if ann_file.is_file():
+            categories = sorted((c["id"], c["name"]) for c in read_coco_json(ann_file)["categories"])
+            if [name for _, name in categories] == list(names):
+                return list(names), [cat_id for cat_id, _ in categories]
+        if list(names) == list(COCO_NAMES):
+            return list(COCO_NAMES), list(COCO_CATEGORY_IDS)
+        return list(names), list(range(1, len(names) + 1))
     if ann_file.is_file():
         categories = sorted((c["id"], c["name"]) for c in read_coco_json(ann_file)["categories"])
         if len(categories) != num_classes:
@@ -281,4 +293,4 @@ def class_table(ann_file: Path, num_classes: int) -> tuple[list[str], list[int]]
         return list(COCO_NAMES), list(COCO_CATEGORY_IDS)
     raise DatasetError(f"no class names for a {num_classes}-class model: {ann_file} does not exist and the classes are "
                        f"not COCO's {len(COCO_CATEGORIES)}; point data.val_annotations (or data.root) at the "
-                       "annotation file the model was trained with")
+                       "annotation file the model was trained with (a checkpoint of this version names its classes)")

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from datasets.coco import CocoDetection, DatasetError, collate
+from datasets.formats import data_paths
 from datasets.transforms import Preprocess, build_augmentation
 from utils.config import Config
 
@@ -157,14 +158,15 @@ def ignore_foreign_sigterm(trainer: int) -> None:
 def build_dataset(cfg: Config, split: str, augment: bool = True) -> CocoDetection:
     """The dataset of split "train" (augmented by cfg.augment unless `augment` is False) or "val" (letterbox only),
     from cfg.data."""
-    images, annotations = cfg.data.split_paths(split)
+    images, annotations = data_paths(cfg.data, split)
     if not images.is_dir() or not annotations.is_file():
         missing = images if not images.is_dir() else annotations
         raise DatasetError(
             f"no {split} data: {missing} does not exist (data.root is {cfg.data.root!r}). Download COCO 2017 with "
             "`bash datasets/get_coco.sh` (into data/coco), or write the synthetic demo set with `python -m "
-            "datasets.shapes --out data/shapes` and use --set data.root=data/shapes model.num_classes=6, or point "
-            f"data.root / data.{split}_images / data.{split}_annotations at your COCO-format data.")
+            "datasets.shapes --out data/shapes` and use --set data.root=data/shapes, or point data.root at your "
+            "data: a COCO folder, a YOLO/Roboflow data.yaml (or its folder) or a Pascal VOC folder (or set "
+            f"data.{split}_images / data.{split}_annotations).")
     # validation keeps every box: it is scored against the annotation file, not against these targets
     preprocess = Preprocess()
     if split == "train" and augment:
@@ -177,11 +179,12 @@ def dataset_for_model(cfg: Config, split: str, augment: bool = True, model: str 
                       ) -> CocoDetection:
     """build_dataset for a model of cfg.model.num_classes classes: the validation split cut to its first eval.subset
     images, and a DatasetError when the annotation file's categories are not one per class (`model` names the
-    model in it: the config key, or the weights file that fixed the class count)."""
+    model in it: the config key, or the weights file that fixed the class count); num_classes None (the data's
+    count, resolved by main.fit_to_data) is not checked."""
     dataset = build_dataset(cfg, split, augment)
     if split == "val" and cfg.eval.subset:
         dataset.ids = dataset.ids[:cfg.eval.subset]
-    if len(dataset.class_names) != cfg.model.num_classes:
+    if cfg.model.num_classes is not None and len(dataset.class_names) != cfg.model.num_classes:
         fix = f"; set --set model.num_classes={len(dataset.class_names)}" if model == "model.num_classes" else ""
         raise DatasetError(f"the model ({model}) predicts {cfg.model.num_classes} classes but {dataset.ann_file} has "
                            f"{len(dataset.class_names)} categories{fix}")

@@ -10,7 +10,7 @@ import torch
 
 from models import YOLO, build_model
 from models.darknet import DarknetSizeError, conv_layer_tensors, save_darknet_weights
-from models.tables import ENCODERS
+from models.tables import ANCHOR_MASKS, ENCODERS
 from models.yolo import HeadOutput
 from utils.checkpoint import CheckpointError, checkpoint_weights, load_checkpoint
 from utils.config import Config, ConfigError, ModelConfig, config_from_dict
@@ -21,7 +21,9 @@ def load_model(path: str | Path, cfg: Config) -> tuple[YOLO, Config]:
     .weights file (built from cfg.model); returns it with the config whose `model` section describes it."""
     path = Path(path)
     if path.suffix != ".pt":
-        model = build_model(cfg.model.arch, cfg.model.encoder, cfg.model.num_classes, cfg.model.anchors)
+        # a Darknet file holds COCO's 80 classes unless the config says otherwise; "auto" anchors are for training
+        anchors = None if isinstance(cfg.model.anchors, str) else cfg.model.anchors
+        model = build_model(cfg.model.arch, cfg.model.encoder, cfg.model.num_classes or 80, anchors)
         part = model.load_darknet_weights(path)
         if part != "full model":
             raise CheckpointError(f"{path} holds only the {part} backbone; evaluation needs a full model")
@@ -36,9 +38,17 @@ def model_from_checkpoint(state: dict, path: Path) -> tuple[YOLO, ModelConfig]:
         model_cfg = config_from_dict(state["config"], str(path)).model
     except ConfigError as e:
         raise CheckpointError(f"{path}: its stored config is invalid: {e}") from e
+    weights = checkpoint_weights(state)
+    if model_cfg.num_classes is None:  # a config that left it to the data (main.py stores the count): the heads'
+        out = weights.get("head32.out.weight")
+        if out is None:
+            raise CheckpointError(f"{path}: its config leaves model.num_classes unset and it holds no head32 weights")
+        per_anchor = out.shape[0] // len(ANCHOR_MASKS[model_cfg.arch][0])
+        model_cfg = model_cfg.model_copy(update={"num_classes": per_anchor - 5})
     model = build_model(model_cfg.arch, model_cfg.encoder, model_cfg.num_classes, model_cfg.anchors)
+    model.class_names = state.get("class_names")  # the training data's, in class order (None in older checkpoints)
     try:
-        model.load_state_dict(checkpoint_weights(state))
+        model.load_state_dict(weights)
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not fit the {model_cfg.arch}/{model_cfg.encoder} model its config "
                               f"describes: {e}") from e

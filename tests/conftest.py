@@ -1,11 +1,14 @@
 """Shared test helpers: Darknet cfg parsing (an independent reference for the models), a model with known output."""
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+# YOLO / VOC datasets converted by tests go to a scratch folder, not the user's ~/.cache (datasets/formats.py)
+os.environ.setdefault("YOLOV3_DATA_CACHE", tempfile.mkdtemp(prefix="yolov3-test-data-cache-"))
 
 DATA = Path(__file__).parent / "data"
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import yaml
 
-import tools.anchors as anchors_tool
+import datasets.anchors as anchors_tool
 from datasets.coco import DatasetError
 from models import DARKNET_ANCHORS
 from tools.anchors import anchor_fitness, kmeans_anchors, load_box_sizes, main, round_anchors, wh_iou

@@ -39,7 +39,7 @@ def test_empty_file_or_groups_give_defaults(tmp_path, text):
     assert cfg == Config(model=ModelConfig(), data=DataConfig())
     assert cfg.model.arch == "yolov3"
     assert cfg.model.encoder == "darknet53"
-    assert cfg.model.num_classes == 80
+    assert cfg.model.num_classes is None  # the data's class count, resolved by main.py
     assert cfg.model.anchors is None
     assert cfg.model.pretrained is False
     assert cfg.model.pretrained_path is None
@@ -196,7 +196,9 @@ BAD_FILES = [
     (f"model:\n  arch: yolov3-tiny\n  anchors: {[[10, 13]] * 9}\n", ["model.anchors=", "expected 6", "found 9"]),
     (f"model:\n  anchors: {[[10, 13]] * 8 + [[-10, 13]]}\n", ["model.anchors=", "[-10, 13]", "positive"]),
     (f"model:\n  anchors: {[[10, 13]] * 8 + [[10, 13, 5]]}\n", ["model.anchors=", "[10, 13, 5]", "[w, h]"]),
-    ("model:\n  anchors: [[10, a]]\n", ["model.anchors=[[10, 'a']]", "expected list[list[int or float]] or null"]),
+    ("model:\n  anchors: [[10, a]]\n",
+     ["model.anchors=[[10, 'a']]", "expected list[list[int or float]] or str or null"]),
+    ("model:\n  anchors: autp\n", ["model.anchors='autp'", 'expected null, "auto" or [w, h] pairs']),
     ("model:\n  arch: yolov5\n", ["model.arch='yolov5'", "'yolov3', 'yolov3-tiny'"]),
     ("model:\n  encoder: resnet50\n", ["model.encoder='resnet50'", "'darknet53', 'mobilenet_v3_large'"]),
     ("model:\n  arch: yolov3-tiny\n  encoder: mobilenet_v3_small\n",

@@ -31,7 +31,7 @@ def stored(name: str) -> dict:
 
 # keys added since (issue 21), with the defaults an old checkpoint's config takes; and the two defaults that changed
 ADDED = {"train": {"recipe": "auto", "keep_start": False}}
-CHANGED = {"data": {"workers": "auto"}, "train": {"amp": "auto"}}
+CHANGED = {"data": {"workers": "auto"}, "train": {"amp": "auto"}, "model": {"num_classes": None}}  # None: the data's
 
 
 def today(old: dict, *changes: dict) -> dict:

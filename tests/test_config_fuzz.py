@@ -91,9 +91,11 @@ def build_what_training_builds(cfg: Config) -> None:
                                      seed=cfg.train.seed)
     assert sum(len(b) for b in sampler) == 8
     torch.Generator().manual_seed(cfg.train.seed)
-    model = meta_model(cfg.model.arch, cfg.model.encoder, cfg.model.num_classes,
-                       None if cfg.model.anchors is None else tuple(map(tuple, cfg.model.anchors)))
-    anchors = torch.tensor(cfg.model.anchors or DARKNET_ANCHORS[cfg.model.arch], dtype=torch.float32)
+    # num_classes null and anchors "auto" are resolved from the data (main.fit_to_data): 80 and Darknet's stand in
+    given = None if isinstance(cfg.model.anchors, str) else cfg.model.anchors
+    model = meta_model(cfg.model.arch, cfg.model.encoder, cfg.model.num_classes or 80,
+                       None if given is None else tuple(map(tuple, given)))
+    anchors = torch.tensor(given or DARKNET_ANCHORS[cfg.model.arch], dtype=torch.float32)
     build_loss(SimpleNamespace(anchors=anchors, masks=model.masks, strides=model.strides,
                                num_classes=model.num_classes), cfg.loss)  # the meta model's anchors hold no data
     build_scheduler(build_optimizer(model, cfg.train), cfg.train)

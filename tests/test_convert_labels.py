@@ -1,4 +1,5 @@
-"""tools.convert_labels: YOLO txt and VOC xml -> COCO, boxes by hand, round trips, counted drops, errors, the CLI."""
+"""tools.convert_labels (datasets/formats.py): YOLO txt and VOC xml -> COCO, boxes by hand, round trips, counted
+drops, errors, the CLI."""
 import json
 
 import pytest
@@ -36,10 +37,8 @@ YOLO_LINES = [
     "0 0.5 0.5 0.25 0.5",  # cx 32, cy 24, w 16, h 24 -> [24, 12, 16, 24]
     "1 0.25 0.75 0.125 0.25",  # cx 16, cy 36, w 8, h 12 -> [12, 30, 8, 12]
     "0 0.5 0.5 0 0.5",  # zero width: dropped
-    "2 0.5 0.5 0.1 0.1",  # class 2 of 2 names: dropped
     "",  # blank lines are not boxes
     "1 0.0 0.5 0.25 0.5",  # x -8..8 -> clipped to [0, 12, 8, 24]
-    "0 1.5 0.5 0.1 0.1",  # x 92.8..99.2: wholly right of the image, dropped
 ]
 
 
@@ -70,8 +69,8 @@ def test_yolo_boxes_by_hand_and_round_trip(tmp_path):
         expected = [float(v) for v in line.split()]
         assert category - 1 == expected[0]
         assert [(x + w / 2) / W, (y + h / 2) / H, w / W, h / H] == pytest.approx(expected[1:], abs=1e-6)
-    assert counts == {"images": 3, "annotations": 4, "clipped": 1, "difficult": 0, "zero_size": 1, "outside_image": 1,
-                      "unknown_class": 1, "bad_lines": 0, "bad_files": 0, "images_without_labels": 1,
+    assert counts == {"images": 3, "annotations": 4, "clipped": 1, "difficult": 0, "zero_size": 1, "outside_image": 0,
+                      "unknown_class": 0, "bad_lines": 0, "bad_files": 0, "images_without_labels": 1,
                       "labels_without_images": 1}
 
 
@@ -84,6 +83,15 @@ def test_yolo_malformed_line_names_file_and_line(tmp_path):
         yolo_to_coco(images, labels, ["cat", "dog"])
     data, counts = yolo_to_coco(images, labels, ["cat", "dog"], skip_bad=True)
     assert counts["bad_lines"] == 1 and len(boxes_by_file(data)["a.jpg"]) == 1
+    # a class out of range and pixel coordinates are errors too (counted skips with skip_bad)
+    (labels / "a.txt").write_text("0 0.5 0.5 0.2 0.2\n2 0.5 0.5 0.1 0.1\n")
+    with pytest.raises(LabelError, match=r"a\.txt: line 2: class 2 is out of range; .* expected 0\.\.1"):
+        yolo_to_coco(images, labels, ["cat", "dog"])
+    (labels / "a.txt").write_text("0 0.5 0.5 0.2 0.2\n1 0.5 0.5 0.2 0.2\n0 32 24 16 16\n")
+    with pytest.raises(LabelError, match=r"a\.txt: line 3: '0 32 24 16 16' has a coordinate outside 0\.\.1"):
+        yolo_to_coco(images, labels, ["cat", "dog"])
+    data, counts = yolo_to_coco(images, labels, ["cat", "dog"], skip_bad=True)
+    assert counts["bad_lines"] == 1 and len(boxes_by_file(data)["a.jpg"]) == 2
 
 
 def test_yolo_size_from_exif_orientation(tmp_path):

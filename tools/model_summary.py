@@ -52,8 +52,9 @@ def main() -> None:
     print(f"{'arch':12} {'encoder':19} {'params':>11} {'GFLOPs@' + str(size):>11} {'eval output':>13} "
           f"{'ms/img':>8} {'fuse max diff':>14}")
     for arch, encoder in variants(cfg.model.arch, cfg.model.encoder, args.all):
-        model = build_model(arch, encoder, cfg.model.num_classes, cfg.model.anchors if arch == cfg.model.arch
-                            else None, cfg.model.pretrained and encoder == cfg.model.encoder, cfg.model.pretrained_path)
+        anchors = cfg.model.anchors if arch == cfg.model.arch and not isinstance(cfg.model.anchors, str) else None
+        model = build_model(arch, encoder, cfg.model.num_classes or 80, anchors,  # no data read: COCO's 80 unless set
+                            cfg.model.pretrained and encoder == cfg.model.encoder, cfg.model.pretrained_path)
         if args.weights and (arch, encoder) == (cfg.model.arch, cfg.model.encoder):
             print(f"{args.weights}: loaded the {model.load_darknet_weights(args.weights)}")
         row = summarize(model, size, device)

@@ -105,8 +105,9 @@ class ModelConfig(Section):
 
     arch: str = "yolov3"  # models/tables.py ENCODERS: the architectures and the encoders each can be built with
     encoder: str = "darknet53"
-    num_classes: int = 80  # 1 .. models/tables.py MAX_CLASSES
-    anchors: list[list[int | float]] | None = None  # None: Darknet defaults for the arch
+    num_classes: int | None = None  # None: the training data's class count (main.py resolves it); 1 .. MAX_CLASSES
+    # None: Darknet's anchors for the arch; "auto": re-fit them when they fit the training boxes badly
+    anchors: list[list[int | float]] | Literal["auto"] | None = None
     pretrained: bool = False  # load ImageNet weights into the encoder
     pretrained_path: str | None = None  # local encoder weights file instead of the default source
 
@@ -115,7 +116,9 @@ class ModelConfig(Section):
         """Values the model cannot be built with: the model's own check (models/tables.py), then the weights file."""
         from models.tables import model_problem  # a leaf module (imports nothing of ours)
 
-        if problem := model_problem(self.arch, self.encoder, self.num_classes, self.anchors):
+        anchors = None if self.anchors == "auto" else self.anchors  # "auto" is resolved at the training start
+        classes = 1 if self.num_classes is None else self.num_classes  # None: the data's, at least 1
+        if problem := model_problem(self.arch, self.encoder, classes, anchors):
             fail(*problem)
         if self.pretrained and self.pretrained_path is None and self.encoder == "darknet53":
             fail("pretrained_path", None, "model.pretrained is true, and pretrained darknet53 loads darknet53.conv.74 "
@@ -144,7 +147,7 @@ def _check_size(key: str, value: Any, size: int) -> None:
 class DataConfig(Section):
     """Where the COCO-format data lives and how batches are formed."""
 
-    root: str = "data/coco"  # COCO 2017 layout: images/{train,val}2017, annotations/instances_{train,val}2017.json
+    root: str = "data/coco"  # COCO 2017 layout, a YOLO data.yaml (or its folder) or a VOC folder: datasets/formats.py
     train_images: str | None = None  # None: <root>/images/train2017
     train_annotations: str | None = None  # None: <root>/annotations/instances_train2017.json
     val_images: str | None = None

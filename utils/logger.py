@@ -43,6 +43,11 @@ class RunLogger:
         if self.writer:
             self.writer.add_image(tag, torch.from_numpy(image).permute(2, 0, 1), step)
 
+    def text(self, tag: str, text: str, step: int) -> None:
+        """Preformatted text (a table), shown as such in TensorBoard's text tab."""
+        if self.writer:
+            self.writer.add_text(tag, "\n".join(f"    {line}" for line in text.splitlines()), step)
+
     def evaluation(self, record: dict, step: int) -> None:
         """Append one machine-readable line per evaluation to evals.jsonl."""
         if self.enabled:

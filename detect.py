@@ -146,7 +146,9 @@ def main(argv: list[str] | None = None) -> dict:
     batch_size = args.batch_size or cfg.eval.batch_size
     try:
         sources, ignored = find_sources(args.source)
-        names, category_ids = class_table(cfg.data.split_paths("val")[1], model.num_classes)
+        # an exported file carries the names it was exported with; else the annotation file's, or COCO's
+        classes = getattr(model, "classes", None)
+        names, category_ids = classes or class_table(cfg.data.split_paths("val")[1], model.num_classes)
     except (FileNotFoundError, ValueError, DatasetError) as e:
         raise SystemExit(f"error: {e}") from e
     out = args.out or Path(cfg.logging.dir) / f"detect_{args.weights.stem}"

@@ -64,7 +64,7 @@ from models.deploy import (
     quantize_openvino,
 )
 from models.postprocess import postprocess
-from models.runtime import EXPORTED_SUFFIXES, ExportedModel, MissingPackageError, export_metadata
+from models.runtime import EXPORTED_SUFFIXES, ExportedModel, MissingPackageError, export_metadata, import_optional
 from models.transfer import load_model
 from utils.checkpoint import CheckpointError
 from utils.cli import add_config_args, cli_config
@@ -164,6 +164,13 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         model, cfg = load_model(args.weights, cfg)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from e
+    try:  # before any work: a missing optional package is the first thing to say
+        for name, purpose, wanted in (("openvino", "export.py --format openvino", "openvino" in args.format),
+                                      ("nncf", "export.py --int8", args.int8)):
+            if wanted:
+                import_optional(name, purpose)
+    except MissingPackageError as e:
         raise SystemExit(f"error: {e}") from e
     reference = copy.deepcopy(model).eval()  # unfused: the check covers the folding too
     model.fuse()

@@ -144,7 +144,7 @@ def ap50(models: dict[str, torch.nn.Module], data: str, size: int) -> dict[str, 
             for name, m in models.items()}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Export, time, score, print markdown."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_argument(parser)
@@ -154,7 +154,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--arch", nargs="+", default=["yolov3-tiny", "yolov3"], choices=("yolov3-tiny", "yolov3"))
     parser.add_argument("--out", type=Path, help="folder for the exported files (default: a temporary one)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     data = checked_data(args.data)
     if not args.weights.is_file():
         raise SystemExit(f"error: --weights {args.weights}: no such file; give the official yolov3-tiny.weights "

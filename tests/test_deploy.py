@@ -197,3 +197,16 @@ def test_detections_as_predictions_round_trip():
     assert rows.shape == (3, 3, 8) and rows[1].abs().sum() == 0 and rows[2, 1:].abs().sum() == 0  # padding
     torch.testing.assert_close(rows[0, 0], torch.tensor([20, 30, 20, 40, 0.9, 0, 0, 1]))
     torch.testing.assert_close(postprocess(rows, 0.1, 0.5, 100), detections)  # already NMS'd: kept as they are
+
+
+def test_bench_deploy_names_missing_data_and_weights(tmp_path, capsys):
+    """bench/deploy.py needs --data and --weights; a missing one is an error naming it, before any work."""
+    from bench import deploy
+
+    with pytest.raises(SystemExit):
+        deploy.main(["--data", str(DATA / "coco")])
+    assert "the following arguments are required: --weights" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=f"error: --data {tmp_path / 'nowhere'}: no such folder"):
+        deploy.main(["--data", str(tmp_path / "nowhere"), "--weights", str(tmp_path / "w.weights")])
+    with pytest.raises(SystemExit, match=f"error: --weights {tmp_path / 'w.weights'}: no such file"):
+        deploy.main(["--data", str(DATA / "coco"), "--weights", str(tmp_path / "w.weights")])

@@ -294,8 +294,8 @@ def check_by_ap(files: dict[str, Path], reference: torch.nn.Module, cfg: Config,
         ap50[name] = score(model)
         tolerance = AP50_TOLERANCE["int8" if name.endswith("int8") else "fp32"]
         ok = abs(ap50[name] - ap50["pytorch"]) <= tolerance
-        print(f"AP50 on {len(dataset)} validation images: {path} {ap50[name]:.4f}, PyTorch {ap50['pytorch']:.4f} "
-              f"(tolerance {tolerance}) {'ok' if ok else 'OUTSIDE TOLERANCE'}")
+        print(f"AP50 on {len(dataset)} validation images: {path} {ap50[name]:.4f}, PyTorch {ap50['pytorch']:.4f}: "
+              f"{'within' if ok else 'OUTSIDE'} the tolerance {tolerance}")
         if not ok:
             failures.append(f"{path}: AP50 {ap50[name]:.4f}, PyTorch's {ap50['pytorch']:.4f}, tolerance {tolerance}")
     if failures:

@@ -168,7 +168,7 @@ def test_ap_check_outside_tolerance_exits_naming_the_file(own_labels, tmp_path, 
     ap50 = export.main(args)["ap50"]
     assert set(ap50) == {"pytorch", "onnx"} and ap50["pytorch"] > 0.85 and ap50["onnx"] == ap50["pytorch"]
     assert (f"AP50 on 4 validation images: {tmp_path / 'model.onnx'} {ap50['onnx']:.4f}, PyTorch "
-            f"{ap50['pytorch']:.4f} (tolerance 0.01) ok") in capsys.readouterr().out
+            f"{ap50['pytorch']:.4f}: within the tolerance 0.01") in capsys.readouterr().out
     monkeypatch.setitem(export.AP50_TOLERANCE, "fp32", -1.0)  # no AP50 is within a negative tolerance
     with pytest.raises(SystemExit) as failed:
         export.main(args)

@@ -266,6 +266,19 @@ def calibration_inputs(folder: Path | None, cfg: Config, count: int) -> list[np.
         raise SystemExit(f"error: --calib: {e}") from e
 
 
+class FloatInput(torch.nn.Module):
+    """A traced TorchScript model (it takes float [0, 1] only: tracing kept one input dtype's path) fed the loaders'
+    uint8 batches."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) uint8 or float [0, 1] -> (B, N, 5+C) decoded predictions."""
+        return self.model(unit_float(x) if x.dtype == torch.uint8 else x)
+
+
 def check_by_ap(files: dict[str, Path], reference: torch.nn.Module, cfg: Config, count: int,
                 nms: tuple[float, float, int] | None) -> dict[str, float]:
     """AP50 of the PyTorch model and of each .onnx / .xml / .torchscript file on the first `count` validation images
@@ -290,7 +303,8 @@ def check_by_ap(files: dict[str, Path], reference: torch.nn.Module, cfg: Config,
     ap50 = {"pytorch": score(reference)}
     failures = []
     for name, path in files.items():
-        model = torch.jit.load(str(path), map_location="cpu") if name == "torchscript" else ExportedModel(path)
+        model = FloatInput(torch.jit.load(str(path), map_location="cpu")) if name == "torchscript" else \
+            ExportedModel(path)
         ap50[name] = score(model)
         tolerance = AP50_TOLERANCE["int8" if name.endswith("int8") else "fp32"]
         ok = abs(ap50[name] - ap50["pytorch"]) <= tolerance

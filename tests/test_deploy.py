@@ -164,9 +164,10 @@ def test_missing_runtime_is_one_line_with_the_pip_command(exported, tmp_path, mo
 
 def test_ap_check_outside_tolerance_exits_naming_the_file(own_labels, tmp_path, capsys, monkeypatch):
     _, path = spread_model(tmp_path)  # the same seeded model
-    args = tool_args(path, "yolov3-tiny", "--format", "onnx", "--check-images", "4", *own_labels)
+    args = tool_args(path, "yolov3-tiny", "--format", "onnx", "torchscript", "--check-images", "4", *own_labels)
     ap50 = export.main(args)["ap50"]
-    assert set(ap50) == {"pytorch", "onnx"} and ap50["pytorch"] > 0.85 and ap50["onnx"] == ap50["pytorch"]
+    assert set(ap50) == {"pytorch", "onnx", "torchscript"} and ap50["pytorch"] > 0.85
+    assert ap50["onnx"] == ap50["torchscript"] == ap50["pytorch"]
     assert (f"AP50 on 4 validation images: {tmp_path / 'model.onnx'} {ap50['onnx']:.4f}, PyTorch "
             f"{ap50['pytorch']:.4f}: within the tolerance 0.01") in capsys.readouterr().out
     monkeypatch.setitem(export.AP50_TOLERANCE, "fp32", -1.0)  # no AP50 is within a negative tolerance

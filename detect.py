@@ -146,8 +146,10 @@ def main(argv: list[str] | None = None) -> dict:
     batch_size = args.batch_size or cfg.eval.batch_size
     try:
         sources, ignored = find_sources(args.source)
-        names, category_ids = class_table(cfg.data.split_paths("val")[1], model.num_classes,
-                                          getattr(model, "class_names", None))
+        # an exported file carries the names it was exported with; else the checkpoint's, the data's, or COCO's
+        classes = getattr(model, "classes", None)
+        names, category_ids = classes or class_table(data_paths(cfg.data, "val")[1], model.num_classes,
+                                                     getattr(model, "class_names", None))
     except (FileNotFoundError, ValueError, DatasetError) as e:
         raise SystemExit(f"error: {e}") from e
     out = args.out or Path(cfg.logging.dir) / f"detect_{args.weights.stem}"

@@ -19,6 +19,7 @@ from datasets.transforms import Preprocess
 from engine.evaluate import detect_batch
 from models import YOLO
 from models.forms import Form, FormError, choose_form, prepare
+from models.runtime import ExportedModel
 from models.transfer import load_model
 from utils.checkpoint import CheckpointError
 from utils.cli import add_config_args, cli_config, device_to_gpu
@@ -158,6 +159,12 @@ def tool_ready_for_inference(model: YOLO, device: torch.device, size: int, amp: 
                              compile: bool) -> tuple[torch.nn.Module, Form]:
     """ready_for_inference for a tool: options that name no form, or a --compile that cannot run, exit with one
     line; the form that runs is printed."""
+    if isinstance(model, ExportedModel):  # an exported file runs in its own runtime, as deployed
+        if pack or compile:
+            raise SystemExit(f"error: --pack and --compile are for a PyTorch model; {model.path} runs in "
+                             f"{model.runtime}")
+        print(f"inference form: {model.form}")
+        return model, model.form
     try:
         model, form = ready_for_inference(model, device, size, amp, pack, compile)
     except CompileError as e:

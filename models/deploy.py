@@ -1,4 +1,5 @@
-"""A YOLO model to deployable files and back: ONNX (with an optional NMS graph) and TorchScript, and running them.
+"""A YOLO model to deployable files and back: ONNX (with an optional NMS graph), TorchScript, OpenVINO IR (float32
+and NNCF INT8), and running them (models/runtime.py runs .onnx / .xml files as the tools do).
 
 ONNX uses torch's TorchScript-based exporter (`dynamo=False`): it writes the opset asked for (MIN_OPSET and up; torch
 2.14 writes up to 21), takes about a second for YOLOv3-tiny, needs no onnxscript, and works on every torch this
@@ -10,6 +11,8 @@ batch size and any input size whose sides are multiples of 32.
 from __future__ import annotations
 
 import inspect
+import json
+import logging
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +23,7 @@ from torch import nn
 from torchvision.ops import batched_nms
 
 from models.postprocess import top_per_image
+from models.runtime import METADATA_KEY, import_optional
 from utils.boxes import box_cxcywh_to_xyxy
 
 INPUT_NAME = "images"  # (B, 3, H, W) RGB in [0, 1], float32
@@ -160,3 +164,43 @@ def detection_diffs(reference: torch.Tensor, exported: torch.Tensor) -> dict[str
     diff = np.abs(ordered[0] - ordered[1])
     return {"boxes": float(diff[:, 1:5].max(initial=0)), "probabilities": float(diff[:, 5].max(initial=0)),
             "detections": len(diff)}
+
+
+def add_onnx_metadata(path: Path, metadata: dict) -> None:
+    """Store models/runtime.py export_metadata's dict in the ONNX file's metadata_props (what load_exported reads)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    entry = model.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps(metadata)
+    onnx.save(model, str(path))
+
+
+def export_openvino(onnx_path: Path, path: Path, metadata: dict) -> Path:
+    """Convert an exported ONNX file to OpenVINO IR (path .xml + .bin, float32 weights) with `metadata` in its
+    rt_info. The ONNX graph is the source (not the torch model): one tracing, the same NMS node."""
+    ov = import_optional("openvino", "export.py --format openvino")
+    model = ov.convert_model(str(onnx_path))
+    model.set_rt_info(json.dumps(metadata), [METADATA_KEY])
+    ov.save_model(model, str(path), compress_to_fp16=False)
+    return path
+
+
+def quantize_openvino(xml_path: Path, path: Path, calibration: list[np.ndarray], metadata: dict,
+                      preset: str = "mixed") -> Path:
+    """Post-training INT8 quantisation of an OpenVINO file with NNCF, calibrated on `calibration` ((1, 3, S, S)
+    float32 inputs in [0, 1]), written to `path` with `metadata`. NNCF quantises the convolutions' inputs and weights
+    (preset "mixed": asymmetric activations, symmetric weights; "performance": both symmetric); the decoding after
+    the last convolutions (sigmoid, exp, grid offsets, concat of pixels and probabilities) is left in float: one
+    int8 scale for boxes in pixels and probabilities in [0, 1] would erase the probabilities."""
+    ov = import_optional("openvino", "export.py --int8")
+    nncf = import_optional("nncf", "export.py --int8")
+    logging.getLogger("nncf").setLevel(logging.WARNING)  # else a line per operation it leaves in float
+    model = ov.Core().read_model(str(xml_path))
+    decoding = nncf.IgnoredScope(types=["Sigmoid", "Exp", "Multiply", "Subtract", "Concat", "Reshape", "Transpose",
+                                        "Gather", "NonMaxSuppression"], validate=False)  # not every graph has all
+    quantized = nncf.quantize(model, nncf.Dataset(calibration), subset_size=len(calibration),
+                              preset=nncf.QuantizationPreset(preset), ignored_scope=decoding)
+    quantized.set_rt_info(json.dumps(metadata), [METADATA_KEY])
+    ov.save_model(quantized, str(path), compress_to_fp16=False)
+    return path

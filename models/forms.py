@@ -29,9 +29,13 @@ from utils.hardware import cpu_has_native_bf16
 from utils.logger import log
 
 FORMS = ("fp32", "packed", "bf16", "fp16")
-AUTOCAST = {"fp32": None, "packed": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# ... and the runtimes an exported file runs in (models/runtime.py ExportedModel: never a candidate of the probe)
+AUTOCAST = {"fp32": None, "packed": None, "bf16": torch.bfloat16, "fp16": torch.float16, "onnxruntime": None,
+            "openvino": None}
 DESCRIPTIONS = {"fp32": "fp32, channels_last", "packed": "fp32, channels_last, conv weights packed for oneDNN",
-                "bf16": "bf16 autocast, channels_last", "fp16": "fp16 autocast, channels_last"}
+                "bf16": "bf16 autocast, channels_last", "fp16": "fp16 autocast, channels_last",
+                "onnxruntime": "exported file in ONNX Runtime (CPU)",
+                "openvino": "exported file in OpenVINO (CPU, its default precision hint)"}
 OPTIONS = {"fp32": ("fp32", False), "packed": ("fp32", True), "bf16": ("bf16", False), "fp16": ("fp16", False)}
 # form -> the (eval.amp, pack) that name it alone: --no-amp --no-pack, --no-amp --pack, --amp (bf16 / fp16)
 PROBE_WARMUP, PROBE_ROUNDS = 1, 3  # untimed passes per form, then alternating timed rounds (median per form)
@@ -53,7 +57,7 @@ class Form:
     """The form a model runs in, and the probe's ms per (1, 3, size, size) forward of each candidate (empty when
     there was only one candidate)."""
 
-    name: str  # one of FORMS
+    name: str  # one of FORMS, or a runtime of an exported file (AUTOCAST)
     probe_ms: dict[str, float] = field(default_factory=dict)
     compiled: bool = False  # torch.compile'd (inference.compile_for_inference)
 

@@ -10,6 +10,7 @@ import torch
 
 from models import YOLO, build_model
 from models.darknet import DarknetSizeError, conv_layer_tensors, save_darknet_weights
+from models.runtime import EXPORTED_SUFFIXES, load_exported
 from models.tables import ANCHOR_MASKS, ENCODERS
 from models.yolo import HeadOutput
 from utils.checkpoint import CheckpointError, checkpoint_weights, load_checkpoint
@@ -17,9 +18,13 @@ from utils.config import Config, ConfigError, ModelConfig, config_from_dict
 
 
 def load_model(path: str | Path, cfg: Config) -> tuple[YOLO, Config]:
-    """A model from a training checkpoint (.pt: its own model config, EMA weights when present) or a Darknet
-    .weights file (built from cfg.model); returns it with the config whose `model` section describes it."""
+    """A model from a training checkpoint (.pt: its own model config, EMA weights when present), a Darknet
+    .weights file (built from cfg.model) or an exported .onnx / OpenVINO .xml (models/runtime.py ExportedModel: the
+    file's own model config and, for a fixed-size file, its input size); returns it with the config that describes
+    it."""
     path = Path(path)
+    if path.suffix in EXPORTED_SUFFIXES:  # an export.py file, run in its runtime (models/runtime.py)
+        return load_exported(path, cfg)
     if path.suffix != ".pt":
         # a Darknet file holds COCO's 80 classes unless the config says otherwise; "auto" anchors are for training
         anchors = None if isinstance(cfg.model.anchors, str) else cfg.model.anchors

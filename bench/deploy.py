@@ -1,0 +1,213 @@
+"""CPU inference of the tools' own form against what a user would deploy instead, and what each costs in AP50.
+
+    MALLOC_MMAP_THRESHOLD_=1000000000 MALLOC_TRIM_THRESHOLD_=1000000000 .venv/bin/python bench/deploy.py \\
+        --data data/coco_mini --weights models/weights/yolov3-tiny.weights [--size 416] [--rounds 7] [--threads 2]
+
+For YOLOv3 and YOLOv3-tiny at --size, batch 1 and 8, in alternating rounds (one call of each form per round, after
+a warm-up call each; medians of the rounds), all with --threads threads:
+- the tools' form: the BN-fused model in the form models/forms.py's probe picks here (what validation.py runs);
+- ONNX Runtime fp32 on the .onnx that export.py writes (CPU provider, graph optimisations on, its default);
+- OpenVINO on the .xml export.py writes, at its default precision hint (bf16 on a CPU with native bf16) and at f32;
+- the INT8 files: export.py --int8 (NNCF, preset mixed, on the OpenVINO file, at OpenVINO's default hint) and
+  ONNX Runtime's static quantisation (QDQ, per-channel weights) of the .onnx, in ONNX Runtime: the two routes the
+  issue named, so that the one export.py takes is the one measured faster at equal AP.
+Calibration: the first 50 images of --data's train2017 (not the validation images scored below).
+AP50: YOLOv3-tiny with --weights (the official Darknet file) in every form on --data's val2017 at --size, conf
+0.001, through validation.py's prediction path (engine.evaluate). YOLOv3 runs with seeded random weights (its
+speed does not depend on them). The files are written by export.py itself (a subprocess), into --out.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import MALLOC_PINS, add_data_argument, checked_data, machine  # noqa: E402
+from datasets.loader import build_dataset, build_loader  # noqa: E402
+from engine import evaluate  # noqa: E402
+from models import build_model  # noqa: E402
+from models.forms import choose_form  # noqa: E402
+from models.runtime import ExportedModel, import_optional  # noqa: E402
+from models.transfer import load_model  # noqa: E402
+from utils.config import load_config  # noqa: E402
+
+FORMS = ("tools' form", "ONNX Runtime fp32", "OpenVINO default", "OpenVINO f32", "INT8 NNCF (OpenVINO)",
+         "INT8 ORT static (ONNX Runtime)")
+CALIBRATION_IMAGES = 50
+
+
+def export_files(arch: str, weights: Path, data: str, size: int, out: Path) -> dict[str, Path]:
+    """Run export.py (onnx + openvino + --int8, calibrated on train2017) for `arch` and add ONNX Runtime's static
+    INT8 quantisation of the .onnx; returns form name -> file."""
+    calib = Path(data) / "images" / "train2017"
+    command = [sys.executable, str(ROOT / "export.py"), "--weights", str(weights), "--format", "onnx", "openvino",
+               "--int8", "--calib", str(calib), "--calib-images", str(CALIBRATION_IMAGES), "--check-images", "0",
+               "--img-size", str(size), "--out", str(out), "--set", f"model.arch={arch}", f"data.root={data}"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"error: export.py failed for {arch}:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+    stem = out / weights.stem
+    ort_int8 = quantize_onnxruntime(stem.with_suffix(".onnx"), out / f"{weights.stem}_ort_int8.onnx", calib, size)
+    return {FORMS[1]: stem.with_suffix(".onnx"), FORMS[2]: stem.with_suffix(".xml"), FORMS[3]: stem.with_suffix(".xml"),
+            FORMS[4]: out / f"{weights.stem}_int8.xml", FORMS[5]: ort_int8}
+
+
+def quantize_onnxruntime(source: Path, path: Path, calib: Path, size: int) -> Path:
+    """ONNX Runtime static INT8 quantisation (QDQ, per-channel weights, MinMax calibration on the first
+    CALIBRATION_IMAGES images of `calib`) of `source`, the decoding after the last convolutions left in float (as
+    NNCF's route does), with `source`'s metadata."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from datasets.sources import find_sources, read_image
+    from inference import letterbox_batch, unit_float
+
+    sources = [s for s in find_sources([str(calib)])[0] if not s.is_video][:CALIBRATION_IMAGES]
+    inputs = [unit_float(letterbox_batch([read_image(s.path)], size)[0]).numpy() for s in sources]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter(inputs)
+
+        def get_next(self) -> dict | None:
+            x = next(self.items, None)
+            return None if x is None else {"images": x}
+
+    graph = onnx.load(str(source))
+    last_conv = max(i for i, n in enumerate(graph.graph.node) if n.op_type == "Conv")  # the decoding follows it
+    quantize_static(str(source), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    nodes_to_quantize=[n.name for n in graph.graph.node[:last_conv + 1]])
+    quantized = onnx.load(str(path))
+    quantized.metadata_props.extend(graph.metadata_props)
+    onnx.save(quantized, str(path))
+    return path
+
+
+def runners(arch: str, weights: Path, files: dict[str, Path], size: int, threads: int
+            ) -> tuple[dict[str, torch.nn.Module], str]:
+    """Form name -> a module computing the eval forward (the tools' form under its autocast), and the probe's
+    line."""
+    cfg = load_config(ROOT / "args.yaml", [f"model.arch={arch}"])
+    model = load_model(weights, cfg)[0].fuse()
+    model, form = choose_form(model, torch.device("cpu"), size)
+    tools = AutocastModule(model, form.dtype)
+    return {FORMS[0]: tools, FORMS[1]: ExportedModel(files[FORMS[1]], threads),
+            FORMS[2]: ExportedModel(files[FORMS[2]], threads), FORMS[3]: ExportedModel(files[FORMS[3]], threads, "f32"),
+            FORMS[4]: ExportedModel(files[FORMS[4]], threads),
+            FORMS[5]: ExportedModel(files[FORMS[5]], threads)}, str(form)
+
+
+class AutocastModule(torch.nn.Module):
+    """A model whose forward runs under inference_mode and the autocast of `dtype` (None: float32)."""
+
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype | None) -> None:
+        super().__init__()
+        self.model, self.dtype = model, dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, N, 5+C) float32."""
+        with torch.inference_mode(), torch.autocast("cpu", self.dtype or torch.float32, enabled=self.dtype is not None):
+            return self.model(x).float()
+
+
+def alternating_ms(calls: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """ms of one call of each, in `rounds` alternating rounds after one untimed call each."""
+    for call in calls.values():
+        call()
+    ms: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            ms[name].append(1000 * (time.perf_counter() - start))
+    return ms
+
+
+def ap50(models: dict[str, torch.nn.Module], data: str, size: int) -> dict[str, float]:
+    """AP50 of each on --data's val2017 at `size` (conf 0.001, validation.py's path)."""
+    cfg = load_config(ROOT / "args.yaml", ["model.arch=yolov3-tiny", f"data.root={data}", f"data.img_size={size}",
+                                           "data.workers=0"])
+    loader = build_loader(cfg, build_dataset(cfg, "val"), train=False, batch_size=8)
+    return {name: evaluate(m, loader, cfg.eval, torch.device("cpu"), progress=False).stats["AP50"]
+            for name, m in models.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Export, time, score, print markdown."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_data_argument(parser)
+    parser.add_argument("--weights", required=True, type=Path, help="the official yolov3-tiny.weights (Darknet)")
+    parser.add_argument("--size", type=int, default=416)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--arch", nargs="+", default=["yolov3-tiny", "yolov3"], choices=("yolov3-tiny", "yolov3"))
+    parser.add_argument("--out", type=Path, help="folder for the exported files (default: a temporary one)")
+    args = parser.parse_args(argv)
+    data = checked_data(args.data)
+    if not args.weights.is_file():
+        raise SystemExit(f"error: --weights {args.weights}: no such file; give the official yolov3-tiny.weights "
+                         "(https://pjreddie.com/media/files/yolov3-tiny.weights)")
+    for name in ("openvino", "nncf", "onnxruntime"):
+        try:
+            import_optional(name, "bench/deploy.py")
+        except ImportError as e:
+            raise SystemExit(f"error: {e}") from e
+    torch.set_num_threads(args.threads)
+    pinned = all(os.environ.get(name) for name in MALLOC_PINS)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = args.out or Path(tmp)
+        out.mkdir(parents=True, exist_ok=True)
+        lines = [f"Machine: {machine(torch.device('cpu'))}", "",
+                 f"{args.threads} threads in every runtime; {args.rounds} alternating rounds, medians; glibc malloc "
+                 f"{'pinned' if pinned else 'NOT pinned'}; onnxruntime {version('onnxruntime')}, openvino "
+                 f"{version('openvino')}, nncf {version('nncf')}", "",
+                 f"| model, {args.size} px | batch | " + " | ".join(FORMS) + " |", "|---" * (len(FORMS) + 2) + "|"]
+        probes, scores = [], {}
+        for arch in args.arch:
+            weights = args.weights
+            if arch != "yolov3-tiny":  # seeded random weights, as a Darknet file export.py reads
+                torch.manual_seed(0)
+                weights = out / f"{arch}.weights"
+                build_model(arch).save_darknet_weights(weights)
+            files = export_files(arch, weights, data, args.size, out / arch)
+            models, probe = runners(arch, weights, files, args.size, args.threads)
+            probes.append(f"- {arch}: {probe}")
+            for batch in (1, 8):
+                x = torch.rand(batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
+                ms = alternating_ms({name: (lambda m=m, x=x: m(x)) for name, m in models.items()}, args.rounds)
+                tools = statistics.median(ms[FORMS[0]])
+                cells = [f"{statistics.median(v):.1f}" + ("" if name == FORMS[0] else
+                                                          f" ({statistics.median(v) / tools:.2f}x)")
+                         for name, v in ms.items()]
+                lines.append(f"| {arch} | {batch} | " + " | ".join(cells) + " |")
+            if arch == "yolov3-tiny":
+                scores = ap50(models, data, args.size)
+        if scores:
+            lines.append(f"| AP50, yolov3-tiny ({args.weights.name}) on {Path(data).name} val | | " +
+                         " | ".join(f"{scores[name]:.4f}" for name in FORMS) + " |")
+        lines += ["", "ms per call (per batch), median; (x): time / the tools' form's, > 1 slower. The tools' form "
+                  "(models/forms.py probe):", *probes]
+    print("\n".join(lines))
+
+
+def version(name: str) -> str:
+    """An installed package's version."""
+    from importlib.metadata import version as package_version
+
+    return package_version(name)
+
+
+if __name__ == "__main__":
+    main()

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                                  cfg.eval.max_candidates, cfg.eval.multi_label)
     rows = to_coco_rows(to_original_pixels(detections.cpu(), metas), metas, dataset.category_ids)
     image_ids = [m["image_id"] for m in metas]
-    stats, _, _ = coco_evaluate(dataset.coco, rows, image_ids, dataset.class_names, cfg.eval.backend)
+    stats, _, _, _ = coco_evaluate(dataset.coco, rows, image_ids, dataset.class_names, cfg.eval.backend)
     print(f"after {args.steps} steps: loss {loss.item():.4f}, AP50 on the batch {stats['AP50']:.4f} "
           f"(AP {stats['AP']:.4f})")
     return {"loss": loss.item(), **{k: float(v) for k, v in terms.items()}, "AP50": stats["AP50"], "AP": stats["AP"]}

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from datasets.coco import DatasetError, class_table
 from datasets.coco_eval import rows_to_json, save_json, to_coco_rows
+from datasets.formats import data_paths
 from datasets.sources import IMAGE_EXTENSIONS, Frame, Source, find_sources, read_frames
 from inference import add_inference_args, detect, inference_setup
 from utils.boxes import box_xyxy_to_cxcywh

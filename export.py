@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -300,8 +299,8 @@ def check_by_ap(files: dict[str, Path], reference: torch.nn.Module, cfg: Config,
               f"{reference.num_classes} classes")
         return {}
     dataset.ids = dataset.ids[:count]
-    eval_cfg = cfg.eval if nms is None else dataclasses.replace(cfg.eval, conf_threshold=nms[0], multi_label=True,
-                                                               max_candidates=2**62)  # what the NMS graph computes
+    eval_cfg = cfg.eval if nms is None else cfg.eval.model_copy(update={  # what the NMS graph computes
+        "conf_threshold": nms[0], "multi_label": True, "max_candidates": 2**62})
     loader = build_loader(cfg, dataset, train=False, batch_size=cfg.eval.batch_size, device=torch.device("cpu"))
     score = lambda model: evaluate(model, loader, eval_cfg, torch.device("cpu")).stats["AP50"]  # noqa: E731
     ap50 = {"pytorch": score(reference)}

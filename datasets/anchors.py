@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from datasets.coco import image_boxes, read_coco_json
+from models.tables import ANCHOR_MASKS, DARKNET_ANCHORS
 from utils.boxes import CROWD_CLASS
-from utils.config import ANCHOR_MASKS, DARKNET_ANCHORS
 
 log = logging.getLogger(__name__)
 

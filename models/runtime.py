@@ -11,7 +11,6 @@ NMS), so the same code scores them.
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import json
 from pathlib import Path
@@ -136,5 +135,5 @@ def load_exported(path: Path, cfg: Config) -> tuple[ExportedModel, Config]:
         exported_cfg = config_from_dict(model.meta["config"], str(path))
     except ConfigError as e:
         raise ValueError(f"{path}: its stored config is invalid: {e}") from e
-    data = cfg.data if model.meta["dynamic_size"] else dataclasses.replace(cfg.data, img_size=model.meta["img_size"])
-    return model, dataclasses.replace(cfg, model=exported_cfg.model, data=data)
+    data = cfg.data if model.meta["dynamic_size"] else cfg.data.model_copy(update={"img_size": model.meta["img_size"]})
+    return model, cfg.model_copy(update={"model": exported_cfg.model, "data": data})

@@ -21,8 +21,9 @@ from datasets.formats import LabelError, data_paths, find_layout, prepare_data, 
 from datasets.report import LABELS_FILE, REPORT_FILE, dataset_report
 from datasets.shapes import SHAPE_CLASSES, generate_shapes
 from datasets.transforms import Preprocess
+from models.tables import DARKNET_ANCHORS
 from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.config import DARKNET_ANCHORS, config_to_dict, load_config
+from utils.config import config_to_dict, load_config
 
 ROOT = DATA.parent.parent
 
@@ -168,7 +169,7 @@ def test_an_export_trains_and_validates_with_only_data_root(shapes, tmp_path, la
 def test_a_set_num_classes_that_differs_from_the_data_names_both(shapes, tmp_path, monkeypatch):
     monkeypatch.setenv("YOLOV3_DATA_CACHE", str(tmp_path / "cache"))
     root = roboflow_export(shapes, tmp_path / "data")
-    with pytest.raises(SystemExit, match=r"the data \(.*\) has 6 classes but model.num_classes is 5"):
+    with pytest.raises(SystemExit, match=r"predicts 5 classes but .* has 6 categories; set --set model.num_classes=6"):
         train_main.main(["--config", str(ROOT / "args.yaml"), *TRAIN_ARGS, f"data.root={root}",
                          "model.num_classes=5", f"logging.dir={tmp_path / 'logs'}"])
 

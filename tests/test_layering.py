@@ -24,8 +24,9 @@ NOT_CODE = {"tests", "logs", "data"}  # tests, run folders, datasets (a folder w
 LIBRARY = [{"utils"}, {"models", "datasets"}, {"engine"}, {"inference"}]  # layers 0..3, from the bottom
 APPS = {"tools", "bench", "reliability"}  # the top layer with the scripts: independent of each other
 # The one arrow up: the config schema checks `model:` and `augment:` against the model's tables and the augmentation
-# vocabulary, leaf modules that import nothing of ours (test_vocabularies_are_leaves), so that each is written once.
-VOCABULARIES = {"utils.config": {"models.tables", "datasets.augmentations"}}
+# vocabulary, leaf modules that import nothing of ours (test_vocabularies_are_leaves), so that each is written once;
+# and the anchors' fit (datasets/anchors.py) reads Darknet's anchors and masks from the same leaf, across its layer.
+VOCABULARIES = {"utils.config": {"models.tables", "datasets.augmentations"}, "datasets.anchors": {"models.tables"}}
 
 
 def top_level(root: Path) -> tuple[set[str], set[str]]:

@@ -16,8 +16,8 @@ from datasets.coco import DatasetError
 from datasets.formats import prepare_data
 from datasets.loader import build_dataset
 from datasets.report import LABELS_FILE, REPORT_FILE, dataset_report
+from models.tables import DARKNET_ANCHORS
 from utils.cli import add_config_args, parse_cli
-from utils.config import DARKNET_ANCHORS
 
 
 def main(argv: list[str] | None = None) -> str:

@@ -37,7 +37,7 @@ from datasets.loader import LoaderError, build_loader, dataset_for_model
 from datasets.report import dataset_report
 from engine.budget import TimeBudget, fit_to_time
 from engine.evaluate import EvalResult, evaluate, evaluation_form, prediction_grid
-from engine.merge import keep_start
+from engine.merge import keep_start, save_start
 from engine.progress import Progress
 from engine.state import Trainer
 from engine.train import BadStepCounter, micro_batches, train_one_step
@@ -45,7 +45,7 @@ from models import build_model
 from models.transfer import start_from
 from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from utils.cli import add_config_args, training_device
-from utils.config import COCO_STATS, Config, ConfigError, config_from_dict, config_to_dict, load_config, save_config
+from utils.config import COCO_STATS, Config, ConfigError, config_from_dict, load_config, save_config
 from utils.distributed import broadcast_object, cleanup, init_distributed, is_distributed
 from utils.logger import RunLogger, log, setup_console_logging
 from utils.recipe import choose_recipe
@@ -120,6 +120,16 @@ def report_data(train_set: CocoDetection, val_set: CocoDetection, model: torch.n
     log.info("%s", text)
     logger.text("data/report", text, 0)
     logger.image("data/labels", image, 0)
+
+
+def recipe_for(cfg: Config, args: argparse.Namespace, train_images: int) -> Config:
+    """A new run's config with train.recipe resolved (utils/recipe.py); the log line says which and why."""
+    try:
+        cfg, line = choose_recipe(cfg, args.overrides, bool(args.weights) or cfg.model.pretrained, train_images)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from e
+    log.info(line)
+    return cfg
 
 
 def build_start_model(cfg: Config, args: argparse.Namespace, resumed: bool, world: int, names: list[str]
@@ -197,12 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
     train_set, val_set = training_sets(cfg)
     cfg = fit_to_data(cfg, train_set)
     if resumed is None:
-        from_weights = bool(args.weights) or cfg.model.pretrained
-        try:
-            cfg, recipe = choose_recipe(cfg, args.overrides, from_weights, len(train_set))
-        except ConfigError as e:
-            raise SystemExit(f"error: {e}") from e
-        log.info(recipe)
+        cfg = recipe_for(cfg, args, len(train_set))
     train_loader, val_loader = training_loaders(cfg, train_set, val_set, world, device)
 
     # -- model, loss, optimiser, schedule, precision, EMA ---------------------------------------------------------
@@ -252,8 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
         evaluation_step()
     keep = cfg.train.keep_start and started_from_weights  # a whole trained model: its step-0 score means something
     if keep and main_process and state.step == 0:  # the start, for the end's mix (a resumed run reads it back)
-        save_checkpoint({"model": trainer.eval_model.state_dict(), "config": config_to_dict(cfg),
-                         "class_names": train_set.class_names, "stats": evaluations[0].stats}, run_dir / "start.pt")
+        save_start(trainer, evaluations[0], run_dir / "start.pt")
     stop: list[int] = []  # the signal that asked to stop; the step in progress finishes, then last.pt is written
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda s, _frame: stop.append(s))

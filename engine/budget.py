@@ -127,13 +127,17 @@ class TimeBudget:
         return n
 
 
+PLOT_SECONDS = 1.5  # datasets/eval_curves.py write_evaluation_plots at each evaluation
+
+
 def estimate_eval_seconds(model: nn.Module, loader: DataLoader, eval_cfg: EvalConfig, device: torch.device,
                           amp_dtype: torch.dtype | None = None) -> float:
     """Seconds one evaluation over `loader` will take: two batches timed, scaled to the loader, plus the COCO API's
-    time (about 5 ms per image)."""
+    time (about 5 ms per image) and the evaluation's pictures (PLOT_SECONDS: PR and threshold curves, two confusion
+    matrices; ~1 s for a few classes on 2 CPU cores, more for 80)."""
     start, batches = time.perf_counter(), min(2, len(loader))
     predict(model, loader, eval_cfg, device, amp_dtype, progress=False, max_batches=batches)
-    return (time.perf_counter() - start) / batches * len(loader) + 0.005 * len(loader.dataset) + 0.5
+    return (time.perf_counter() - start) / batches * len(loader) + 0.005 * len(loader.dataset) + 0.5 + PLOT_SECONDS
 
 
 

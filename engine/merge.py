@@ -17,7 +17,8 @@ from torch import nn
 
 from engine.evaluate import EvalResult
 from engine.state import Trainer
-from utils.checkpoint import load_checkpoint
+from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.config import config_to_dict
 from utils.logger import log
 
 ALPHAS = (0.5, 0.25, 0.75)  # tried in this order after the two ends: a halving search with two evaluations
@@ -65,3 +66,10 @@ def keep_start(trainer: Trainer, model: nn.Module, start_file: Path, trained: Ev
              ", ".join(f"{a:.2f} -> {v:.4f}" for a, v in sorted(scores.items())))
     if alpha < 1.0:  # the last evaluation in the log, evals.jsonl and the pictures is last.pt's (the start's again)
         record(results.get(alpha) or evaluate_now())
+
+
+def save_start(trainer: Trainer, evaluation: EvalResult, path: Path) -> None:
+    """The start of a train.keep_start run, as a checkpoint validation.py reads: its weights (the EMA's, equal to the
+    model's at step 0), config, class names and step-0 scores."""
+    save_checkpoint({"model": trainer.eval_model.state_dict(), "config": config_to_dict(trainer.cfg),
+                     "class_names": trainer.class_names, "stats": evaluation.stats}, path)

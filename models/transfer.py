@@ -32,7 +32,8 @@ def load_model(path: str | Path, cfg: Config) -> tuple[YOLO, Config]:
         part = model.load_darknet_weights(path)
         if part != "full model":
             raise CheckpointError(f"{path} holds only the {part} backbone; evaluation needs a full model")
-        return model, cfg
+        model_cfg = cfg.model.model_copy(update={"num_classes": model.num_classes, "anchors": anchors})
+        return model, cfg.model_copy(update={"model": model_cfg})  # the class count the model was built with
     model, model_cfg = model_from_checkpoint(load_checkpoint(path), path)
     return model, cfg.model_copy(update={"model": model_cfg})
 

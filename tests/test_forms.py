@@ -238,7 +238,7 @@ def test_train_amp_auto(monkeypatch):
     assert engine.state.autocast_dtype("auto", CPU) is None
     assert engine.state.autocast_dtype("fp16", CPU) is None
     assert engine.state.autocast_dtype("bf16", CPU) == torch.bfloat16
-    assert load_config(ROOT / "args.yaml").train.amp == "fp16"  # the default keeps its meaning on GPUs
+    assert load_config(ROOT / "args.yaml").train.amp == "auto"  # the default since issue 21: bf16 where native
     assert load_config(ROOT / "args.yaml", ["train.amp=auto", "eval.amp=bf16"]).eval.amp == "bf16"
     with pytest.raises(ConfigError, match=r"eval.amp='on': unknown amp 'on'.*valid amps: auto, fp32, bf16, fp16"):
         load_config(ROOT / "args.yaml", ["eval.amp='on'"])

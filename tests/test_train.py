@@ -154,7 +154,7 @@ def test_both_recipes_bring_the_loss_down_on_real_images(config):
     dataset = build_dataset(cfg, "train")
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model.arch, num_classes=len(dataset.class_names)).train()
-    trainer = Trainer.build(model, cfg, torch.device("cpu"), ["a"] * cfg.model.num_classes)
+    trainer = Trainer.build(model, cfg, torch.device("cpu"), dataset.class_names)
     batches = micro_batches(build_loader(cfg, dataset, True, 4), trainer.state, torch.device("cpu"))
     losses = []
     for _ in range(40):
@@ -368,12 +368,12 @@ def build_frozen_bn(*args):  # BatchNorm in eval mode: its batch statistics woul
 
 
 def keep_loader(*args):
-    data = training_data(*args)
-    loaders.append(data[1])
+    data = training_loaders(*args)
+    loaders.append(data[0])
     return data
 
 
-main.build_start_model, training_data, main.training_data = build_frozen_bn, main.training_data, keep_loader
+main.build_start_model, training_loaders, main.training_loaders = build_frozen_bn, main.training_loaders, keep_loader
 result = main.main(sys.argv[1:])
 torch.save(result["model"].state_dict(), os.path.join(out, f"end{{rank}}.pt"))
 sampler = loaders[0].batch_sampler

@@ -48,7 +48,7 @@ from datasets.coco import DatasetError, class_table
 from datasets.formats import data_paths
 from datasets.loader import build_dataset, build_loader
 from datasets.sources import UnreadableError, find_sources, read_image
-from engine import evaluate
+from engine.evaluate import evaluate
 from inference import letterbox_batch, unit_float
 from models.deploy import (
     MIN_OPSET,

@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import MALLOC_PINS, add_data_argument, checked_data, machine  # noqa: E402
 from datasets.loader import build_dataset, build_loader  # noqa: E402
-from engine import evaluate  # noqa: E402
+from engine.evaluate import evaluate  # noqa: E402
 from models import build_model  # noqa: E402
 from models.forms import choose_form  # noqa: E402
 from models.runtime import ExportedModel, import_optional  # noqa: E402

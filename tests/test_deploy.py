@@ -15,7 +15,7 @@ import export
 import validation
 from datasets.loader import build_dataset, build_loader
 from datasets.sources import read_image
-from engine import evaluate
+from engine.evaluate import evaluate
 from inference import detect as detect_images
 from inference import letterbox_batch, unit_float
 from models.postprocess import postprocess

@@ -68,7 +68,8 @@ from models.runtime import EXPORTED_SUFFIXES, ExportedModel, MissingPackageError
 from models.transfer import load_model
 from utils.checkpoint import CheckpointError
 from utils.cli import add_config_args, cli_config
-from utils.config import Config, config_to_dict
+from utils.config import Config
+from utils.config_load import config_to_dict
 
 FORMATS = ("onnx", "torchscript", "openvino")
 AP50_TOLERANCE = {"fp32": 0.01, "int8": 0.02}  # --check-images: |AP50 of the file - PyTorch's| allowed, by precision

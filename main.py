@@ -45,7 +45,8 @@ from models import build_model
 from models.transfer import start_from
 from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from utils.cli import add_config_args, training_device
-from utils.config import COCO_STATS, Config, ConfigError, config_from_dict, load_config, save_config
+from utils.config import COCO_STATS, Config, ConfigError
+from utils.config_load import config_from_dict, load_config, save_config
 from utils.distributed import broadcast_object, cleanup, init_distributed, is_distributed
 from utils.logger import RunLogger, log, setup_console_logging
 from utils.recipe import choose_recipe

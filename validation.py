@@ -26,7 +26,7 @@ from inference import add_speed_args, amp_mode, tool_ready_for_inference
 from models.transfer import load_model
 from utils.checkpoint import CheckpointError
 from utils.cli import add_config_args, cli_config
-from utils.config import config_to_dict
+from utils.config_load import config_to_dict
 
 
 def build_parser() -> argparse.ArgumentParser:

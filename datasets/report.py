@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from datasets.coco import CocoDetection
-from datasets.formats import COUNT_MEANINGS
+from datasets.labels import COUNT_MEANINGS
 from utils.boxes import CROWD_CLASS
 
 REPORT_FILE, LABELS_FILE = "dataset_report.txt", "labels.png"

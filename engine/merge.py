@@ -18,7 +18,7 @@ from torch import nn
 from engine.evaluate import EvalResult
 from engine.state import Trainer
 from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.config import config_to_dict
+from utils.config_load import config_to_dict
 from utils.logger import log
 
 ALPHAS = (0.5, 0.25, 0.75)  # tried in this order after the two ends: a halving search with two evaluations

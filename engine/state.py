@@ -19,7 +19,8 @@ from torch.optim.lr_scheduler import LambdaLR
 from engine.ema import ModelEMA
 from engine.optim import build_optimizer, build_scheduler
 from models.loss import YOLOLoss, build_loss
-from utils.config import Config, config_to_dict
+from utils.config import Config
+from utils.config_load import config_to_dict
 from utils.hardware import cpu_has_native_bf16
 
 

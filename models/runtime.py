@@ -22,7 +22,8 @@ from torch import nn
 
 from models.forms import Form
 from utils.boxes import box_xyxy_to_cxcywh
-from utils.config import Config, ConfigError, config_from_dict
+from utils.config import Config, ConfigError
+from utils.config_load import config_from_dict
 
 EXPORTED_SUFFIXES = {".onnx": "onnxruntime", ".xml": "openvino"}  # file suffix -> the runtime that runs it
 METADATA_KEY = "yolo"  # ONNX metadata_props key / OpenVINO rt_info path holding export_metadata's JSON

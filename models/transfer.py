@@ -14,7 +14,8 @@ from models.runtime import EXPORTED_SUFFIXES, load_exported
 from models.tables import ANCHOR_MASKS, ENCODERS
 from models.yolo import HeadOutput
 from utils.checkpoint import CheckpointError, checkpoint_weights, load_checkpoint
-from utils.config import Config, ConfigError, ModelConfig, config_from_dict
+from utils.config import Config, ConfigError, ModelConfig
+from utils.config_load import config_from_dict
 
 
 def load_model(path: str | Path, cfg: Config) -> tuple[YOLO, Config]:

@@ -9,7 +9,7 @@ import datasets.anchors as anchors_tool
 from datasets.coco import DatasetError
 from models import DARKNET_ANCHORS
 from tools.anchors import anchor_fitness, kmeans_anchors, load_box_sizes, main, round_anchors, wh_iou
-from utils.config import load_config
+from utils.config_load import load_config
 
 CLUSTERS = np.array([[10.0, 20.0], [50.0, 40.0], [200.0, 150.0]])  # (w, h), ascending area
 

@@ -13,7 +13,7 @@ from models import build_model
 from models.loss import build_loss
 from reliability.common import make_shapes, tiny_run_args
 from utils.checkpoint import load_checkpoint
-from utils.config import load_config
+from utils.config_load import load_config
 
 ROOT = DATA.parent.parent
 

@@ -247,7 +247,7 @@ def test_min_box_size_holds_without_augmentation_for_training_only(tmp_path):
         "categories": [{"id": 3, "name": "a"}]}))
     from datasets.augmentations import AUGMENTATIONS
     from datasets.loader import build_dataset
-    from utils.config import load_config
+    from utils.config_load import load_config
 
     overrides = [f"data.{split}_{kind}={tmp_path / name}" for split in ("train", "val")
                  for kind, name in (("images", ""), ("annotations", "ann.json"))]

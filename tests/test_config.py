@@ -9,20 +9,8 @@ import yaml
 from pydantic import BaseModel, Field, model_validator
 
 from utils.cli import add_config_args, config_from_args, parse_cli, select_device
-from utils.config import (
-    Config,
-    ConfigError,
-    DataConfig,
-    ModelConfig,
-    Section,
-    build_config,
-    config_from_dict,
-    config_to_dict,
-    fail,
-    load_config,
-    save_config,
-    yaml_load,
-)
+from utils.config import Config, ConfigError, DataConfig, ModelConfig, Section, fail
+from utils.config_load import build_config, config_from_dict, config_to_dict, load_config, save_config, yaml_load
 
 TINY_ANCHORS = [[10, 14], [23, 27], [37, 58], [81, 82], [135, 169], [344, 319]]
 

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from utils.config import Config, ConfigError, config_from_dict, config_to_dict, load_config
+from utils.config import Config, ConfigError
+from utils.config_load import config_from_dict, config_to_dict, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 OVERLAYS = sorted((ROOT / "configs").glob("*.yaml"))

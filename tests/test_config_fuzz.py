@@ -19,7 +19,8 @@ from datasets.transforms import Preprocess, build_augmentation
 from engine.optim import build_optimizer, build_scheduler, lr_factor
 from models import DARKNET_ANCHORS, build_model
 from models.loss import build_loss
-from utils.config import Config, ConfigError, config_from_dict, config_to_dict
+from utils.config import Config, ConfigError
+from utils.config_load import config_from_dict, config_to_dict
 
 ROOT = DATA.parent.parent
 DEFAULTS = config_to_dict(Config())

@@ -17,13 +17,14 @@ import validation
 from datasets.anchors import AUTO_RECALL, anchor_fit, check_anchors
 from datasets.coco import CocoDetection, class_table
 from datasets.coco_names import COCO_CATEGORY_IDS, COCO_NAMES
-from datasets.formats import LabelError, data_paths, find_layout, prepare_data, yolo_label_path
+from datasets.formats import data_paths, find_layout, prepare_data, yolo_label_path
+from datasets.labels import LabelError
 from datasets.report import LABELS_FILE, REPORT_FILE, dataset_report
 from datasets.shapes import SHAPE_CLASSES, generate_shapes
 from datasets.transforms import Preprocess
 from models.tables import DARKNET_ANCHORS
 from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.config import config_to_dict, load_config
+from utils.config_load import config_to_dict, load_config
 
 ROOT = DATA.parent.parent
 

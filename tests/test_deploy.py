@@ -21,7 +21,7 @@ from inference import letterbox_batch, unit_float
 from models.postprocess import postprocess
 from models.runtime import ExportedModel, detections_as_predictions
 from models.yolo import HeadOutput
-from utils.config import load_config
+from utils.config_load import load_config
 
 VAL = DATA / "coco" / "images" / "val2017"
 VAL_ANNOTATIONS = DATA / "coco" / "annotations" / "instances_val2017.json"

@@ -19,7 +19,8 @@ from datasets.sources import Source, find_sources, glob_root
 from models.packed import packing_available
 from utils.checkpoint import save_checkpoint
 from utils.cli import device_to_gpu
-from utils.config import ConfigError, config_to_dict, load_config
+from utils.config import ConfigError
+from utils.config_load import config_to_dict, load_config
 
 ROOT = DATA.parent.parent
 VAL = DATA / "coco" / "images" / "val2017"

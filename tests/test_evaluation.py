@@ -13,7 +13,7 @@ from datasets.coco_eval import COCO_STATS, coco_evaluate, to_coco_rows
 from datasets.loader import build_dataset, build_loader
 from engine.evaluate import evaluate
 from models.postprocess import grouped_nms, nms_best_first, postprocess, to_original_pixels, top_per_image
-from utils.config import load_config
+from utils.config_load import load_config
 
 ROOT = DATA.parent.parent
 

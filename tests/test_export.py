@@ -14,7 +14,7 @@ from models import build_model
 from models.postprocess import postprocess
 from models.yolo import HeadOutput
 from utils.checkpoint import save_checkpoint
-from utils.config import config_to_dict, load_config
+from utils.config_load import config_to_dict, load_config
 
 ROOT = DATA.parent.parent
 IMAGE = DATA / "coco" / "images" / "val2017" / "000000397133.jpg"  # what the tool checks on: data.val_images' first

@@ -20,7 +20,8 @@ from engine.optim import lr_factor, resolve_schedule
 from models import build_model
 from models.transfer import Transfer, cut_prefix, normalize_name, start_from, transfer_state
 from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.config import Config, ConfigError, DataConfig, TrainConfig, build_config, config_to_dict, load_config
+from utils.config import Config, ConfigError, DataConfig, TrainConfig
+from utils.config_load import build_config, config_to_dict, load_config
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,8 @@ from models.forms import Form, FormError, candidate_forms, choose_form, probe_fo
 from models.loss import build_loss
 from models.packed import PackedConv2d, packing_available
 from utils import hardware
-from utils.config import ConfigError, EvalConfig, LossConfig, load_config
+from utils.config import ConfigError, EvalConfig, LossConfig
+from utils.config_load import load_config
 
 ROOT = DATA.parent.parent
 CPU = torch.device("cpu")
@@ -259,7 +260,7 @@ def test_training_evaluates_in_the_probed_form_and_keeps_the_mode(native, monkey
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
     from utils.checkpoint import save_checkpoint
-    from utils.config import config_to_dict
+    from utils.config_load import config_to_dict
     path = tmp_path_factory.mktemp("weights") / "tiny.pt"
     cfg = load_config(ROOT / "args.yaml", ["model.arch=yolov3-tiny"])
     torch.manual_seed(0)

@@ -45,7 +45,7 @@ import pytest
 import datasets.transforms
 from datasets.augmentations import AUGMENTATIONS, boxes_outside_holes
 from datasets.loader import build_dataset, sample_seed, train_sizes
-from utils.config import load_config
+from utils.config_load import load_config
 
 ROOT = Path(__file__).parents[1]
 COCO_IMAGES = Path(__file__).parent / "data" / "coco" / "images" / "train2017"

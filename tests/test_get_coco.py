@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from datasets.loader import build_dataset
-from utils.config import load_config
+from utils.config_load import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "datasets" / "get_coco.sh"

@@ -11,7 +11,7 @@ from torch.utils.data import DistributedSampler, RandomSampler, SequentialSample
 
 from datasets.loader import MultiScaleBatchSampler, build_dataset, build_loader, ignore_foreign_sigterm, train_sizes
 from datasets.shapes import generate_shapes
-from utils.config import load_config
+from utils.config_load import load_config
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from datasets.coco import CocoDetection
 from datasets.loader import LoaderError, build_dataset, build_loader, checked_batches
 from datasets.shapes import generate_shapes
 from reliability.common import ROOT, child_pids, tiny_run_args
-from utils.config import load_config
+from utils.config_load import load_config
 
 GENEROUS = 120  # seconds: a bound on "not a silent stall", far above data.timeout
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from utils.config import Config, config_to_dict, load_config
+from utils.config import Config
+from utils.config_load import config_to_dict, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = ROOT / "utils" / "config.py"  # the schema reads its own keys (defaults, checks): not a use

@@ -15,7 +15,7 @@ from test_train import ROOT
 import main as train_main
 from reliability.common import tiny_run_args
 from utils.checkpoint import load_checkpoint
-from utils.config import load_config
+from utils.config_load import load_config
 from utils.recipe import LARGE_SET, TRANSFER, choose_recipe
 
 

@@ -20,7 +20,7 @@ from engine.train import train_step
 from models import build_model
 from models.loss import build_loss
 from utils.checkpoint import load_checkpoint
-from utils.config import load_config
+from utils.config_load import load_config
 
 ROOT = DATA.parent.parent
 

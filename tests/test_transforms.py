@@ -13,7 +13,8 @@ from datasets.transforms import (
     resize_to_fit,
     to_chw_tensor,
 )
-from utils.config import AugmentConfig, config_to_dict
+from utils.config import AugmentConfig
+from utils.config_load import config_to_dict
 
 GEOMETRIC = {"horizontal_flip": {"p": 1.0},
              "affine": {"p": 1.0, "scale": [0.7, 1.3], "translate_percent": [-0.15, 0.15], "rotate": [-10, 10]}}

@@ -12,7 +12,7 @@ import validation
 from models import build_model, forms
 from models.packed import pack_conv_weights, packing_available
 from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from utils.config import config_to_dict, load_config
+from utils.config_load import config_to_dict, load_config
 
 ROOT = DATA.parent.parent
 DATA_ARGS = ["--config", str(ROOT / "args.yaml"), "--set", f"data.root={DATA / 'coco'}", "data.workers=0",

@@ -7,7 +7,7 @@ from conftest import DATA, grid_model
 
 import visualization
 from utils.checkpoint import save_checkpoint
-from utils.config import config_to_dict, load_config
+from utils.config_load import config_to_dict, load_config
 from utils.plots import TRUE_BOX_COLOR, class_color
 
 ROOT = DATA.parent.parent

@@ -11,7 +11,7 @@ from datasets.coco import DatasetError
 from datasets.loader import build_dataset
 from datasets.shapes import generate_shapes
 from tools import visualize_batch
-from utils.config import load_config
+from utils.config_load import load_config
 from utils.plots import class_color
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ import main as train_main
 from datasets.coco_names import COCO_NAMES
 from models import build_model
 from models.transfer import start_from
-from utils.config import load_config
+from utils.config_load import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from datasets.formats import COUNT_MEANINGS, LabelError, read_names, voc_to_coco, write_json, yolo_to_coco
+from datasets.labels import COUNT_MEANINGS, LabelError, read_names, voc_to_coco, write_json, yolo_to_coco
 
 __all__ = ["LabelError", "main", "read_names", "voc_to_coco", "yolo_to_coco"]
 

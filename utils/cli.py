@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
-from utils.config import Config, ConfigError, load_config
+from utils.config import Config, ConfigError
+from utils.config_load import load_config
 from utils.logger import log
 
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from utils.config import Config, config_from_dict, config_to_dict
+from utils.config import Config
+from utils.config_load import config_from_dict, config_to_dict
 
 TRANSFER = {"train.optimizer": "sgd", "train.lr": 0.001, "train.momentum": 0.9, "train.batch_size": 16,
             "train.subdivisions": 1, "train.keep_start": True}

@@ -29,7 +29,7 @@ from bench.common import add_data_argument, checked_data, emit, machine, spread 
 from datasets.coco import collate  # noqa: E402
 from datasets.loader import build_dataset, build_loader  # noqa: E402
 from datasets.transforms import pad_to_square, resize_to_fit, to_chw_tensor  # noqa: E402
-from utils.config import load_config  # noqa: E402
+from utils.config_load import load_config  # noqa: E402
 
 
 def end_to_end(dataset, size: int, repeats: int) -> list[float]:  # noqa: ANN001

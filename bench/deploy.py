@@ -40,7 +40,7 @@ from models import build_model  # noqa: E402
 from models.forms import choose_form  # noqa: E402
 from models.runtime import ExportedModel, import_optional  # noqa: E402
 from models.transfer import load_model  # noqa: E402
-from utils.config import load_config  # noqa: E402
+from utils.config_load import load_config  # noqa: E402
 
 FORMS = ("tools' form", "ONNX Runtime fp32", "OpenVINO default", "OpenVINO f32", "INT8 NNCF (OpenVINO)",
          "INT8 ORT static (ONNX Runtime)")

@@ -30,7 +30,7 @@ from inference import ready_for_inference  # noqa: E402
 from models import build_model  # noqa: E402
 from models.forms import OPTIONS, Form  # noqa: E402
 from models.yolo import HeadOutput  # noqa: E402
-from utils.config import load_config  # noqa: E402
+from utils.config_load import load_config  # noqa: E402
 
 
 def run(root: str, size: int, arch: str, batch: int) -> tuple[list[str], dict[str, float]]:

@@ -29,7 +29,7 @@ from engine.state import Trainer  # noqa: E402
 from engine.train import micro_batches, train_step  # noqa: E402
 from models import build_model  # noqa: E402
 from models.transfer import start_from  # noqa: E402
-from utils.config import load_config  # noqa: E402
+from utils.config_load import load_config  # noqa: E402
 
 PERCENTILES = (0, 10, 50, 90, 99, 100)  # min, p10, median, p90, p99, max
 LIMITS = (10.0, 100.0, 1000.0, 10000.0)  # candidate train.clip_grad_norm values

@@ -4,7 +4,8 @@
         --data data/coco_mini --weights models/weights/yolov3-tiny.weights [--size 416] [--rounds 7] [--threads 2]
 
 For YOLOv3 and YOLOv3-tiny at --size, batch 1 and 8, in alternating rounds (one call of each form per round, after
-a warm-up call each; medians of the rounds), all with --threads threads:
+a warm-up call each, half a second's pause before each timed call: see PAUSE; medians of the rounds), all with
+--threads threads:
 - the tools' form: the BN-fused model in the form models/forms.py's probe picks here (what validation.py runs);
 - ONNX Runtime fp32 on the .onnx that export.py writes (CPU provider, graph optimisations on, its default);
 - OpenVINO on the .xml export.py writes, at its default precision hint (bf16 on a CPU with native bf16) and at f32;
@@ -45,6 +46,14 @@ from utils.config_load import load_config  # noqa: E402
 FORMS = ("tools' form", "ONNX Runtime fp32", "OpenVINO default", "OpenVINO f32", "INT8 NNCF (OpenVINO)",
          "INT8 ORT static (ONNX Runtime)")
 CALIBRATION_IMAGES = 50
+
+
+# Each runtime keeps its threads spinning for a while after a call (OpenMP's wait policy, ONNX Runtime's
+# intra-op spinning, OpenVINO's TBB): on 2 cores the next runtime's call would share them with the spinners, so the
+# form timed after another runs slower than alone (tools' form, yolov3-tiny batch 1 on a 2-core Xeon: 43.7 ms
+# alternating without a pause, 12.6 ms in the probe). A pause before each call lets them sleep, as between a
+# deployed model's requests.
+PAUSE = 0.5
 
 
 def export_files(arch: str, weights: Path, data: str, size: int, out: Path) -> dict[str, Path]:
@@ -122,13 +131,16 @@ class AutocastModule(torch.nn.Module):
             return self.model(x).float()
 
 
-def alternating_ms(calls: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
-    """ms of one call of each, in `rounds` alternating rounds after one untimed call each."""
+def alternating_ms(calls: dict[str, Callable[[], object]], rounds: int, pause: float = PAUSE
+                   ) -> dict[str, list[float]]:
+    """ms of one call of each, in `rounds` alternating rounds after one untimed call each; `pause` seconds before
+    each timed call."""
     for call in calls.values():
         call()
     ms: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(rounds):
         for name, call in calls.items():
+            time.sleep(pause)
             start = time.perf_counter()
             call()
             ms[name].append(1000 * (time.perf_counter() - start))

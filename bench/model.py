@@ -51,8 +51,10 @@ from models.yolo import YOLO  # noqa: E402
 from utils.config import EvalConfig, LossConfig  # noqa: E402
 
 FORMS = ("eval mode (as trained)", "BN fused, inference_mode", "fused + channels_last", "fused + channels_last + bf16",
-         "fused + channels_last + fp16", "fused + channels_last + packed weights")
-TOOL_FORMS = {"fp32": FORMS[2], "bf16": FORMS[3], "fp16": FORMS[4], "packed": FORMS[5]}  # models/forms.py -> FORMS
+         "fused + channels_last + fp16", "fused + channels_last + packed weights",
+         "fused + channels_last + packed bf16 weights")
+TOOL_FORMS = {"fp32": FORMS[2], "bf16": FORMS[3], "fp16": FORMS[4], "packed": FORMS[5],
+              "packed-bf16": FORMS[6]}  # models/forms.py -> FORMS
 DEMO_STEP = ("yolov3-tiny", 160, 16, 6)  # make demo's training step: arch, size, batch, classes
 
 
@@ -73,7 +75,7 @@ def prepared(arch: str, encoder: str, form: str, device: torch.device, size: int
     if form != FORMS[0]:
         model.fuse()
     if "channels_last" in form:
-        model = prepare(model, "packed" if "packed" in form else "fp32", device, size)
+        model = prepare(model, next((k for k, v in TOOL_FORMS.items() if v == form), "fp32"), device, size)
     return model
 
 
@@ -98,12 +100,12 @@ def forward_seconds(model: YOLO, size: int, batch: int, form: str, device: torch
 
 def forward_fn(model: torch.nn.Module, x: torch.Tensor, form: str, device: torch.device
                ) -> Callable[[], torch.Tensor]:
-    """model(x) under inference_mode, with bf16 / fp16 autocast where `form` names it, as a function of no
-    arguments."""
+    """model(x) under inference_mode, with bf16 / fp16 autocast where `form` names it (a packed bf16 model carries
+    its dtype in its weights), as a function of no arguments."""
     dtype = torch.float16 if "fp16" in form else torch.bfloat16
 
     def run() -> torch.Tensor:
-        with torch.inference_mode(), torch.autocast(device.type, dtype, enabled="bf16" in form or "fp16" in form):
+        with torch.inference_mode(), torch.autocast(device.type, dtype, enabled=form.endswith(("bf16", "fp16"))):
             return model(x)
     return run
 

@@ -20,21 +20,28 @@ BURN_IN_POWER = 4  # Darknet's `power=4` for burn_in (network.c, get_current_rat
 BURN_IN_SHARE = 0.1  # burn-in takes at most this share of a run's steps
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """[decay group, no-decay group]: weight decay on conv / linear weights only.
+def parameter_groups(model: nn.Module, weight_decay: float, lr: float = 0.0, encoder_lr_scale: float = 1.0
+                     ) -> list[dict[str, Any]]:
+    """[decay group, no-decay group]: weight decay on conv / linear weights only; with encoder_lr_scale != 1, the
+    encoder's parameters in two more groups (decay, no decay) whose lr is lr * encoder_lr_scale (the schedule
+    multiplies every group's own lr, so the ratio holds at every step).
 
     A parameter with ndim <= 1 gets no decay: BatchNorm weights and biases and every bias are vectors, while
     conv (4-d) and linear (2-d) weights are not. Testing the shape, not the module type, also covers the
     norm layers of torchvision encoders and any layer added later (YOLO practice: decay only the weights).
     """
     params = list(model.parameters())  # shared parameters appear once
-    return [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    encoder = {id(p) for p in model.encoder.parameters()} if encoder_lr_scale != 1.0 else set()
+    parts = [([p for p in params if id(p) not in encoder], {})]
+    if encoder:  # two groups more only when asked for: a checkpoint's optimiser state keeps its two groups otherwise
+        parts.append(([p for p in params if id(p) in encoder], {"lr": lr * encoder_lr_scale}))
+    return [{"params": [p for p in part if (p.ndim > 1) == decay], "weight_decay": weight_decay if decay else 0.0,
+             **extra} for part, extra in parts for decay in (True, False)]
 
 
 def build_optimizer(model: nn.Module, train_cfg: TrainConfig) -> torch.optim.Optimizer:
     """Adam (betas (momentum, 0.999), L2 weight decay) or SGD (momentum, no Nesterov) over `parameter_groups`."""
-    groups = parameter_groups(model, train_cfg.weight_decay)
+    groups = parameter_groups(model, train_cfg.weight_decay, train_cfg.lr, train_cfg.encoder_lr_scale)
     if train_cfg.optimizer == "adam":
         # Adam's own weight_decay adds decay * w to the gradient (L2, as the seed did), not AdamW's decoupled decay.
         return torch.optim.Adam(groups, lr=train_cfg.lr, betas=(train_cfg.momentum, 0.999))

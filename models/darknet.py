@@ -53,6 +53,27 @@ class Darknet53(nn.Module):
         return c3, c4, self.stage5(c4)
 
 
+class MaxPool2x2(nn.MaxPool2d):
+    """Darknet's `[maxpool] size=2 stride=2`. Without autograd (inference, evaluation), on a channels_last map with
+    even sides, as two elementwise maxima over the NHWC memory viewed in row and column pairs: max_pool2d's values,
+    faster (yolov3-tiny's five pools in bf16 at 416, batch 8, 2-core AMX Xeon: 9.9 ms -> 5.1 ms, of a ~40 ms
+    forward; max_pool2d vectorises over 16-32 channels poorly). Training, tracing and export keep max_pool2d: its
+    gradient goes to one element of a tie (torch.maximum's is split), and an exported graph keeps one MaxPool op."""
+
+    def __init__(self) -> None:
+        super().__init__(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, H/2, W/2), memory format kept."""
+        b, c, h, w = x.shape
+        if (torch.is_grad_enabled() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or h % 2 or w % 2
+                or not x.is_contiguous(memory_format=torch.channels_last)):
+            return super().forward(x)
+        pairs = x.permute(0, 2, 3, 1).view(b, h // 2, 2, w // 2, 2, c)  # (B, H/2, 2, W/2, 2, C), no copy
+        rows = torch.maximum(pairs[:, :, 0], pairs[:, :, 1])  # (B, H/2, W/2, 2, C)
+        return torch.maximum(rows[:, :, :, 0], rows[:, :, :, 1]).permute(0, 3, 1, 2)
+
+
 class MaxPoolSame(nn.Module):
     """Darknet's `[maxpool] size=2 stride=1`: output keeps H x W; the window hangs over the right/bottom edge,
     where Darknet ignores the missing pixels (replicate padding computes the same max)."""
@@ -69,7 +90,7 @@ class TinyBackbone(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        pool = nn.MaxPool2d(2, 2)
+        pool = MaxPool2x2()
         self.stage16 = nn.Sequential(ConvBNLeaky(3, 16, 3), pool, ConvBNLeaky(16, 32, 3), pool,
                                      ConvBNLeaky(32, 64, 3), pool, ConvBNLeaky(64, 128, 3), pool,
                                      ConvBNLeaky(128, 256, 3))

@@ -99,21 +99,22 @@ def packable(monkeypatch):
 
 
 def test_candidates_on_a_cpu_with_native_bf16(native, packable):
-    assert candidate_forms(CPU, "auto", None) == ["fp32", "packed", "bf16"]
+    assert candidate_forms(CPU, "auto", None) == ["fp32", "packed", "bf16", "packed-bf16"]
     assert candidate_forms(CPU, "auto", False) == ["fp32", "bf16"]  # --no-pack: the plain convs, fp32 or bf16
-    assert candidate_forms(CPU, "auto", True) == ["packed"]  # --pack: packing is fp32-only
+    assert candidate_forms(CPU, "auto", True) == ["packed", "packed-bf16"]  # --pack: packed, fp32 or bf16
     assert candidate_forms(CPU, "fp32", None) == ["fp32", "packed"]  # --no-amp
     assert candidate_forms(CPU, "fp32", False) == ["fp32"]
-    assert candidate_forms(CPU, "bf16", None) == candidate_forms(CPU, "bf16", False) == ["bf16"]  # --amp
+    assert candidate_forms(CPU, "bf16", None) == ["bf16", "packed-bf16"]  # --amp
+    assert candidate_forms(CPU, "bf16", False) == ["bf16"] and candidate_forms(CPU, "bf16", True) == ["packed-bf16"]
     assert candidate_forms(CPU, "fp16", None) == ["fp32", "packed"]  # fp16 is CUDA's: a CPU runs fp32
-    with pytest.raises(FormError, match="packed conv weights run in fp32 and bf16 autocast is asked for"):
-        candidate_forms(CPU, "bf16", True)
 
 
 def test_a_cpu_without_native_bf16_never_gets_bf16_by_itself(emulated, packable):
     assert candidate_forms(CPU, "auto", None) == ["fp32", "packed"]
     assert candidate_forms(CPU, "auto", False) == ["fp32"]
-    assert candidate_forms(CPU, "bf16", None) == ["bf16"]  # asked for by hand: it runs (emulated)
+    assert candidate_forms(CPU, "bf16", None) == ["bf16"]  # asked for by hand: autocast runs (emulated)
+    with pytest.raises(FormError, match=r"packed bf16 conv weights need a CPU with native bf16 .* drop --pack"):
+        candidate_forms(CPU, "bf16", True)
 
 
 def test_candidates_on_cuda_keep_fp32_by_default():
@@ -124,11 +125,11 @@ def test_candidates_on_cuda_keep_fp32_by_default():
         candidate_forms(cuda, "auto", True)
 
 
-@pytest.mark.parametrize("fastest", ["fp32", "packed", "bf16"])
+@pytest.mark.parametrize("fastest", ["fp32", "packed", "bf16", "packed-bf16"])
 def test_the_probe_picks_the_fastest(native, monkeypatch, fastest):
-    if not packing_available():
-        pytest.skip("this torch build has no oneDNN conv packing")
-    times = {"fp32": 10.0, "packed": 9.0, "bf16": 8.0}
+    if not packing_available() or not hardware.cpu_has_native_bf16():
+        pytest.skip("needs oneDNN conv packing and a CPU with native bf16 (the packed bf16 copy is built)")
+    times = {"fp32": 10.0, "packed": 9.0, "bf16": 8.0, "packed-bf16": 7.0}
     times[fastest] = 1.0
     probed = []
 
@@ -139,24 +140,24 @@ def test_the_probe_picks_the_fastest(native, monkeypatch, fastest):
     monkeypatch.setattr(forms, "probe_forms", fake_probe)
     model = tiny()
     chosen, form = choose_form(model, CPU, 64)
-    assert probed == [["bf16", "fp32", "packed"]]
-    assert form.name == fastest and form.probe_ms == {"fp32": times["fp32"], "packed": times["packed"],
-                                                      "bf16": times["bf16"]}
+    assert probed == [["bf16", "fp32", "packed", "packed-bf16"]]
+    assert form.name == fastest and form.probe_ms == times
     assert str(form).startswith(forms.DESCRIPTIONS[fastest] + " (probe: fp32 ")
-    packed = any(isinstance(m, PackedConv2d) for m in chosen.modules())
-    assert packed is (fastest == "packed")
-    assert (chosen is model) is (fastest != "packed")  # packing is probed on a copy
+    packed = [m.weight.dtype for m in chosen.modules() if isinstance(m, PackedConv2d)]
+    assert set(packed) == ({forms.PACKED[fastest]} if fastest in forms.PACKED else set())
+    assert (chosen is model) is (fastest not in forms.PACKED)  # packing is probed on a copy
     assert not any(isinstance(m, PackedConv2d) for m in model.modules())
 
 
 def test_forcing_a_form_runs_no_probe(native, monkeypatch):
     monkeypatch.setattr(forms, "probe_forms", lambda *a: pytest.fail("probed"))
     for name, (amp, pack) in forms.OPTIONS.items():
-        if name == "fp16" or (name == "packed" and not packing_available()):
+        if name == "fp16" or (name in forms.PACKED and not packing_available()) or (
+                name == "packed-bf16" and not hardware.cpu_has_native_bf16()):
             continue
         chosen, form = choose_form(tiny(), CPU, 64, amp, pack)
         assert form == Form(name) and str(form) == forms.DESCRIPTIONS[name]
-        assert any(isinstance(m, PackedConv2d) for m in chosen.modules()) is (name == "packed")
+        assert any(isinstance(m, PackedConv2d) for m in chosen.modules()) is (name in forms.PACKED)
 
 
 def test_a_real_probe_times_every_candidate_and_moves_no_rng():
@@ -178,9 +179,13 @@ def outputs_in(form_name, size=128, seed=0):
         return model(batch)
 
 
-@pytest.mark.parametrize("size", [64, 128])
-def test_bf16_outputs_match_fp32_within_tolerance(size):
-    plain, bf16 = outputs_in("fp32", size), outputs_in("bf16", size)
+NATIVE_PACKING = packing_available() and hardware.cpu_has_native_bf16()
+
+
+@pytest.mark.parametrize("size, form", [(64, "bf16"), (128, "bf16"), pytest.param(
+    128, "packed-bf16", marks=pytest.mark.skipif(not NATIVE_PACKING, reason="needs oneDNN packing and native bf16"))])
+def test_bf16_outputs_match_fp32_within_tolerance(size, form):
+    plain, bf16 = outputs_in("fp32", size), outputs_in(form, size)
     assert bf16.dtype == torch.float32 and bf16.shape == plain.shape  # decoded in fp32
     scores, scores_bf16 = plain[..., 4:5] * plain[..., 5:], bf16[..., 4:5] * bf16[..., 5:]
     torch.testing.assert_close(scores_bf16, scores, rtol=0, atol=SCORE_ATOL)
@@ -191,6 +196,16 @@ def test_bf16_outputs_match_fp32_within_tolerance(size):
 @pytest.mark.skipif(not packing_available(), reason="this torch build has no oneDNN conv packing")
 def test_packed_outputs_match_fp32():
     torch.testing.assert_close(outputs_in("packed"), outputs_in("fp32"), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.skipif(not NATIVE_PACKING, reason="needs oneDNN packing and a CPU with native bf16")
+def test_packed_bf16_computes_what_bf16_autocast_computes():
+    """The same bf16 weights and oneDNN kernels: within bf16 rounding of the activations between layers (autocast
+    returns them to fp32 around the non-conv ops, the packed form keeps them in bf16)."""
+    packed, autocast = outputs_in("packed-bf16"), outputs_in("bf16")
+    assert packed.dtype == torch.float32
+    torch.testing.assert_close(packed[..., 4:], autocast[..., 4:], rtol=0, atol=SCORE_ATOL / 2)
+    torch.testing.assert_close(packed[..., :4], autocast[..., :4], rtol=0, atol=BOX_ATOL / 2)
 
 
 def test_bf16_detections_of_a_known_model_are_the_fp32_ones():
@@ -273,9 +288,11 @@ VAL_ARGS = ["--config", str(ROOT / "args.yaml"), "--set", f"data.root={DATA / 'c
 
 
 @pytest.mark.parametrize("options, printed", [
-    (["--amp"], "inference form: bf16 autocast, channels_last\n"),
+    (["--amp", "--no-pack"], "inference form: bf16 autocast, channels_last\n"),
     (["--no-amp", "--no-pack"], "inference form: fp32, channels_last\n"),
-    (["--set", "eval.amp=bf16"], "inference form: bf16 autocast, channels_last\n"),
+    (["--set", "eval.amp=bf16", "--no-pack"], "inference form: bf16 autocast, channels_last\n"),
+    pytest.param(["--amp", "--pack"], "inference form: bf16, channels_last, conv weights packed for oneDNN\n",
+                 marks=pytest.mark.skipif(not NATIVE_PACKING, reason="needs oneDNN packing and native bf16")),
     ([], "(probe: fp32 "),
 ])
 def test_validation_prints_the_form_it_runs(weights, tmp_path, capsys, native, options, printed):
@@ -287,7 +304,7 @@ def test_validation_prints_the_form_it_runs(weights, tmp_path, capsys, native, o
 def test_validation_bf16_scores_like_fp32(weights, tmp_path):
     import json
     results = {}
-    for name, options in (("fp32", ["--no-amp", "--no-pack"]), ("bf16", ["--amp"])):
+    for name, options in (("fp32", ["--no-amp", "--no-pack"]), ("bf16", ["--amp", "--no-pack"])):
         validation.main(["--weights", str(weights), *VAL_ARGS, "--out", str(tmp_path / name), *options])
         results[name] = json.loads((tmp_path / name / "tiny_val64.json").read_text())
     assert results["bf16"]["form"].startswith("bf16") and results["fp32"]["form"].startswith("fp32")
@@ -295,8 +312,8 @@ def test_validation_bf16_scores_like_fp32(weights, tmp_path):
         assert results["bf16"]["stats"][key] == pytest.approx(results["fp32"]["stats"][key], abs=0.02)
 
 
-def test_contradictory_options_are_one_line(weights):
-    with pytest.raises(SystemExit, match="error: packed conv weights run in fp32 and bf16 autocast is asked for"):
+def test_contradictory_options_are_one_line(weights, emulated):
+    with pytest.raises(SystemExit, match="error: packed bf16 conv weights need a CPU with native bf16"):
         validation.main(["--weights", str(weights), *VAL_ARGS, "--amp", "--pack"])
     with pytest.raises(SystemExit, match="error: --compile freezes and lays out the weights itself"):
         validation.main(["--weights", str(weights), *VAL_ARGS, "--compile", "--pack"])

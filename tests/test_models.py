@@ -267,3 +267,26 @@ def test_packing_refuses_a_training_model():
     model = build_model("yolov3-tiny", num_classes=3)
     with pytest.raises(ValueError, match="eval-mode"):
         pack_conv_weights(model, torch.rand(1, 3, 64, 64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
+def test_tiny_max_pool_in_inference_is_max_pool2d(dtype, memory_format, monkeypatch):
+    """MaxPool2x2's pairwise maxima (channels_last): max_pool2d's values exactly (ties and negative values included),
+    layout kept; NCHW, odd sides and autograd run max_pool2d itself (a tie's gradient goes to one element)."""
+    from models.darknet import MaxPool2x2
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 8, 6).round().to(dtype).contiguous(memory_format=memory_format)  # rounded: many ties
+    pool = MaxPool2x2()
+    with monkeypatch.context() as patch, torch.inference_mode():
+        if memory_format == torch.channels_last:  # the fast path must be the one computing here
+            patch.setattr(torch.nn.MaxPool2d, "forward", lambda *a: pytest.fail("max_pool2d ran"))
+        fast = pool(x)
+    assert torch.equal(fast, torch.nn.functional.max_pool2d(x, 2, 2)) and fast.shape == (2, 16, 4, 3)
+    assert fast.is_contiguous(memory_format=memory_format)
+    odd = x[..., :5]  # an odd side: max_pool2d's floor, not the slices
+    with torch.no_grad():
+        assert torch.equal(pool(odd), torch.nn.functional.max_pool2d(odd, 2, 2))
+    leaf = x.float().requires_grad_()
+    pool(leaf).sum().backward()
+    assert leaf.grad.sum() == 2 * 16 * 4 * 3 and set(leaf.grad.unique().tolist()) == {0.0, 1.0}  # one per window

@@ -69,6 +69,31 @@ def test_sgd_hyper_parameters():
     assert [g["weight_decay"] for g in optimizer.param_groups] == [5e-4, 0.0]
 
 
+def test_encoder_lr_scale_moves_the_encoder_by_that_share_at_every_step():
+    """SGD without momentum or decay: one update moves each weight by lr * factor * its gradient, so the encoder's by
+    encoder_lr_scale times as much; the ratio holds through the schedule (burn-in here) and the two extra groups
+    exist only when asked for."""
+    torch.manual_seed(0)
+    model = build_model("yolov3-tiny", num_classes=2).double()  # float64: the update is exact to 1e-12
+    cfg = TrainConfig(optimizer="sgd", lr=0.01, momentum=0.0, weight_decay=0.0, encoder_lr_scale=0.1, burn_in=4,
+                      steps=40)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.01 / 256] * 2 + [0.001 / 256] * 2)
+    encoder = {id(p) for p in model.encoder.parameters()}
+    assert {id(p) for g in optimizer.param_groups[2:] for p in g["params"]} == encoder
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    scheduler.step()
+    for p, old in zip(model.parameters(), before, strict=True):
+        lr = 0.01 * (0.1 if id(p) in encoder else 1.0) / 256  # burn-in factor (1 / 4) ** 4 at step 0
+        torch.testing.assert_close(old - p.detach(), torch.full_like(p, lr), rtol=1e-9, atol=1e-15)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.01 / 16] * 2 + [0.001 / 16] * 2)
+    assert len(build_optimizer(model, TrainConfig()).param_groups) == 2  # the default: two groups, as checkpoints hold
+
+
 def test_unknown_optimizer_names_the_key():
     with pytest.raises(ValueError, match=r"train\.optimizer.*rmsprop"):
         # past the schema (which refuses it first): build_optimizer's own check

@@ -265,6 +265,7 @@ class TrainConfig(Section):
     keep_start: bool = False
     freeze: Freeze = "none"  # none | encoder: the encoder (backbone) does not train for the first freeze_steps steps
     freeze_steps: int = Field(0, ge=0)  # optimiser steps with `freeze` in force (its BatchNorm statistics frozen too)
+    encoder_lr_scale: float = Field(1.0, ge=0, le=1)  # the encoder's lr is train.lr times this (discriminative lr)
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -334,8 +335,8 @@ class EvalConfig(Section):
     metric: Metric = "AP50"  # training: the number that decides best.pt and early stopping
     subset: int | None = None  # evaluate the first N validation images only (>= 1); None: all
     backend: Backend = "pycocotools"  # or faster_coco_eval (same numbers, faster; pip install faster-coco-eval)
-    amp: EvalAmp = "auto"  # inference precision: auto (a CPU: the fastest of fp32 / packed / bf16 where native, by a
-    # probe; CUDA: fp32) | fp32 | bf16 (autocast) | fp16 (autocast, CUDA only; fp32 on a CPU)
+    amp: EvalAmp = "auto"  # inference precision: auto (a CPU: the fastest of fp32 / packed / bf16 / packed bf16 where
+    # native, by a probe; CUDA: fp32) | fp32 | bf16 (autocast or packed) | fp16 (autocast, CUDA only; fp32 on a CPU)
 
     @model_validator(mode="after")
     def _check(self) -> EvalConfig:

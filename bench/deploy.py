@@ -3,9 +3,9 @@
     MALLOC_MMAP_THRESHOLD_=1000000000 MALLOC_TRIM_THRESHOLD_=1000000000 .venv/bin/python bench/deploy.py \\
         --data data/coco_mini --weights models/weights/yolov3-tiny.weights [--size 416] [--rounds 7] [--threads 2]
 
-For YOLOv3 and YOLOv3-tiny at --size, batch 1 and 8, in alternating rounds (one call of each form per round, after
-a warm-up call each, half a second's pause before each timed call: see PAUSE; medians of the rounds), all with
---threads threads:
+For YOLOv3 and YOLOv3-tiny at --size, batch 1 and 8, in alternating rounds (per round and form: half a second's
+pause, one untimed call, then BURST timed calls back to back, as a model serving a stream of requests runs: see
+PAUSE; the median of all of a form's timed calls), all with --threads threads:
 - the tools' form: the BN-fused model in the form models/forms.py's probe picks here (what validation.py runs);
 - ONNX Runtime fp32 on the .onnx that export.py writes (CPU provider, graph optimisations on, its default);
 - OpenVINO on the .xml export.py writes, at its default precision hint (bf16 on a CPU with native bf16) and at f32;
@@ -45,15 +45,18 @@ from utils.config_load import load_config  # noqa: E402
 
 FORMS = ("tools' form", "ONNX Runtime fp32", "OpenVINO default", "OpenVINO f32", "INT8 NNCF (OpenVINO)",
          "INT8 ORT static (ONNX Runtime)")
+KEYS = ("tools", "ort", "ov", "ov-f32", "int8", "ort-int8")  # --forms names of FORMS, in order
 CALIBRATION_IMAGES = 50
 
 
 # Each runtime keeps its threads spinning for a while after a call (OpenMP's wait policy, ONNX Runtime's
 # intra-op spinning, OpenVINO's TBB): on 2 cores the next runtime's call would share them with the spinners, so the
 # form timed after another runs slower than alone (tools' form, yolov3-tiny batch 1 on a 2-core Xeon: 43.7 ms
-# alternating without a pause, 12.6 ms in the probe). A pause before each call lets them sleep, as between a
-# deployed model's requests.
-PAUSE = 0.5
+# alternating without a pause, 12.6 ms in the probe). A pause lets them sleep; then one untimed call wakes the
+# form's own threads and caches (a timed call right after the pause measured the wake-up: 9.0 ms against 5.8 ms
+# back to back for the packed bf16 tiny model, 27 ms once OpenVINO's threads were in the process), and BURST calls
+# back to back are timed: the steady state of each runtime, which is what OpenVINO's benchmark_app reports too.
+PAUSE, BURST = 0.5, 3
 
 
 def export_files(arch: str, weights: Path, data: str, size: int, out: Path) -> dict[str, Path]:
@@ -104,18 +107,16 @@ def quantize_onnxruntime(source: Path, path: Path, calib: Path, size: int) -> Pa
     return path
 
 
-def runners(arch: str, weights: Path, files: dict[str, Path], size: int, threads: int
-            ) -> tuple[dict[str, torch.nn.Module], str]:
+def runners(arch: str, weights: Path, files: dict[str, Path], size: int, threads: int,
+            forms: tuple[str, ...] = FORMS) -> tuple[dict[str, torch.nn.Module], str]:
     """Form name -> a module computing the eval forward (the tools' form under its autocast), and the probe's
     line."""
     cfg = load_config(ROOT / "args.yaml", [f"model.arch={arch}"])
     model = load_model(weights, cfg)[0].fuse()
     model, form = choose_form(model, torch.device("cpu"), size)
     tools = AutocastModule(model, form.dtype)
-    return {FORMS[0]: tools, FORMS[1]: ExportedModel(files[FORMS[1]], threads),
-            FORMS[2]: ExportedModel(files[FORMS[2]], threads), FORMS[3]: ExportedModel(files[FORMS[3]], threads, "f32"),
-            FORMS[4]: ExportedModel(files[FORMS[4]], threads),
-            FORMS[5]: ExportedModel(files[FORMS[5]], threads)}, str(form)
+    built = {FORMS[0]: lambda: tools, FORMS[3]: lambda: ExportedModel(files[FORMS[3]], threads, "f32")}
+    return {name: built.get(name, lambda name=name: ExportedModel(files[name], threads))() for name in forms}, str(form)
 
 
 class AutocastModule(torch.nn.Module):
@@ -131,19 +132,19 @@ class AutocastModule(torch.nn.Module):
             return self.model(x).float()
 
 
-def alternating_ms(calls: dict[str, Callable[[], object]], rounds: int, pause: float = PAUSE
+def alternating_ms(calls: dict[str, Callable[[], object]], rounds: int, pause: float = PAUSE, burst: int = BURST
                    ) -> dict[str, list[float]]:
-    """ms of one call of each, in `rounds` alternating rounds after one untimed call each; `pause` seconds before
-    each timed call."""
-    for call in calls.values():
-        call()
+    """ms per call of each, in `rounds` alternating rounds: per round and call, `pause` seconds, one untimed call,
+    then `burst` timed calls back to back (all of a call's timed figures in one list)."""
     ms: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(rounds):
         for name, call in calls.items():
             time.sleep(pause)
-            start = time.perf_counter()
             call()
-            ms[name].append(1000 * (time.perf_counter() - start))
+            for _ in range(burst):
+                start = time.perf_counter()
+                call()
+                ms[name].append(1000 * (time.perf_counter() - start))
     return ms
 
 
@@ -166,7 +167,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--arch", nargs="+", default=["yolov3-tiny", "yolov3"], choices=("yolov3-tiny", "yolov3"))
     parser.add_argument("--out", type=Path, help="folder for the exported files (default: a temporary one)")
+    parser.add_argument("--forms", nargs="+", choices=KEYS[1:], default=list(KEYS[1:]),
+                        help="the runtimes timed against the tools' form (default: all). Each compiled model stays "
+                        "loaded in the process: with several OpenVINO models loaded, OpenVINO's calls back to back "
+                        "ran 2x slower than with one (BENCHMARKS.md), so `--forms ov` times the pair alone")
     args = parser.parse_args(argv)
+    forms = tuple(name for name, key in zip(FORMS, KEYS, strict=True) if key == "tools" or key in args.forms)
     data = checked_data(args.data)
     if not args.weights.is_file():
         raise SystemExit(f"error: --weights {args.weights}: no such file; give the official yolov3-tiny.weights "
@@ -185,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
                  f"{args.threads} threads in every runtime; {args.rounds} alternating rounds, medians; glibc malloc "
                  f"{'pinned' if pinned else 'NOT pinned'}; onnxruntime {version('onnxruntime')}, openvino "
                  f"{version('openvino')}, nncf {version('nncf')}", "",
-                 f"| model, {args.size} px | batch | " + " | ".join(FORMS) + " |", "|---" * (len(FORMS) + 2) + "|"]
+                 f"| model, {args.size} px | batch | " + " | ".join(forms) + " |", "|---" * (len(forms) + 2) + "|"]
         probes, scores = [], {}
         for arch in args.arch:
             weights = args.weights
@@ -194,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
                 weights = out / f"{arch}.weights"
                 build_model(arch).save_darknet_weights(weights)
             files = export_files(arch, weights, data, args.size, out / arch)
-            models, probe = runners(arch, weights, files, args.size, args.threads)
+            models, probe = runners(arch, weights, files, args.size, args.threads, forms)
             probes.append(f"- {arch}: {probe}")
             for batch in (1, 8):
                 x = torch.rand(batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
@@ -208,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
                 scores = ap50(models, data, args.size)
         if scores:
             lines.append(f"| AP50, yolov3-tiny ({args.weights.name}) on {Path(data).name} val | | " +
-                         " | ".join(f"{scores[name]:.4f}" for name in FORMS) + " |")
+                         " | ".join(f"{scores[name]:.4f}" for name in forms) + " |")
         lines += ["", "ms per call (per batch), median; (x): time / the tools' form's, > 1 slower. The tools' form "
                   "(models/forms.py probe):", *probes]
     print("\n".join(lines))

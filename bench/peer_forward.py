@@ -10,15 +10,15 @@ machine (what validation.py prints as its "inference form"), under inference_mod
 weights)` in eval mode under torch.no_grad() in fp32, as its test.py / detect.py run it (they have no other form).
 Both see the images of --data's val2017, letterboxed to --size, in batches of --batch (pytorchyolo's test.py
 evaluates in batches of 8), as float [0, 1] for pytorchyolo and uint8 for ours (our loaders' dtype; the model
-normalises). Each round times one pass over all images per model, after a warm-up pass each and a pause (bench/
-deploy.py PAUSE); the figure is ms per image, median of the rounds, and the ratio of the medians.
+normalises). One call is one pass over all images; the two alternate as bench/deploy.py alternating_ms times
+them (per round: a pause, an untimed pass, BURST timed passes); the figure is ms per image, the median of the timed
+passes, and the ratio of the medians.
 """
 from __future__ import annotations
 
 import argparse
 import statistics
 import sys
-import time
 import types
 from pathlib import Path
 
@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import add_data_argument, checked_data, machine  # noqa: E402
-from bench.deploy import PAUSE  # noqa: E402
+from bench.deploy import alternating_ms  # noqa: E402
 from inference import letterbox_batch  # noqa: E402
 from models.forms import choose_form  # noqa: E402
 from models.transfer import load_model  # noqa: E402
@@ -86,17 +86,8 @@ def main() -> None:
         with torch.no_grad():
             for x in inputs:
                 peer(x.float() / 255)
-    runs = {"ours": run_ours, "pytorchyolo": run_peer}
-    ms: dict[str, list[float]] = {name: [] for name in runs}
-    for fn in runs.values():
-        fn()
-    for _ in range(args.rounds):
-        for name, fn in runs.items():
-            time.sleep(PAUSE)
-            start = time.perf_counter()
-            fn()
-            ms[name].append(1000 * (time.perf_counter() - start) / images)
-    median = {name: statistics.median(v) for name, v in ms.items()}
+    ms = alternating_ms({"ours": run_ours, "pytorchyolo": run_peer}, args.rounds)
+    median = {name: statistics.median(v) / images for name, v in ms.items()}
     print(machine(torch.device("cpu")))
     print(f"ours: {form}")
     print("| model, size, batch | images | validation.py's form, ms / image | pytorchyolo fp32, ms / image | ratio |\n"

@@ -104,7 +104,8 @@ class Trainer:
         amp_dtype = autocast_dtype(cfg.train.amp, device)
         return cls(cfg, model, build_loss(model, cfg.loss), optimizer, build_scheduler(optimizer, cfg.train),
                    torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16), amp_dtype,
-                   ModelEMA(model, cfg.train.ema_decay) if cfg.train.ema else None, list(class_names))
+                   ModelEMA(model, cfg.train.ema_decay, cfg.train.ema_ramp) if cfg.train.ema else None,
+                   list(class_names))
 
     @property
     def steps(self) -> int:

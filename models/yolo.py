@@ -22,18 +22,17 @@ def decode(raw: torch.Tensor, anchors: torch.Tensor, stride: int) -> torch.Tenso
     Computed in float32 whatever the map's dtype: bf16's 8-bit mantissa would round centres at 256-512 px to 2 px
     (the conv outputs of bf16 / fp16 autocast are rounded once, ~0.03 px at stride 32).
     """
-    if raw.dtype in (torch.bfloat16, torch.float16):
-        raw = raw.float()
     batch, num_anchors, height, width, channels = raw.shape
-    rows = torch.arange(height, device=raw.device, dtype=raw.dtype).view(1, 1, height, 1)
-    cols = torch.arange(width, device=raw.device, dtype=raw.dtype).view(1, 1, 1, width)
-    anchor_w = anchors[:, 0].to(raw.dtype).view(1, num_anchors, 1, 1)
-    anchor_h = anchors[:, 1].to(raw.dtype).view(1, num_anchors, 1, 1)
-    cx = (raw[..., 0].sigmoid() + cols) * stride
-    cy = (raw[..., 1].sigmoid() + rows) * stride
-    w = raw[..., 2].exp() * anchor_w
-    h = raw[..., 3].exp() * anchor_h
-    out = torch.cat([torch.stack([cx, cy, w, h], -1), raw[..., 4:].sigmoid()], -1)  # (B, A, H, W, 5+C)
+    dtype = torch.float32 if raw.dtype in (torch.bfloat16, torch.float16) else raw.dtype
+    out = raw.to(dtype, memory_format=torch.contiguous_format, copy=True)  # one pass; never the conv's own output
+    rows = torch.arange(height, device=raw.device, dtype=dtype).view(1, 1, height, 1)
+    cols = torch.arange(width, device=raw.device, dtype=dtype).view(1, 1, 1, width)
+    grid = torch.stack(torch.broadcast_tensors(cols, rows), -1)  # (1, 1, H, W, 2): col, row
+    # into the copy, channel groups in place of a cat of three new tensors; out of place on the 4 box channels and
+    # in place on the rest last, so that autograd (an eval-mode forward with gradients) still has what it saved
+    out[..., :2] = (out[..., :2].sigmoid() + grid) * stride  # cx, cy = (sigmoid(t) + cell) * stride
+    out[..., 2:4] = out[..., 2:4].exp() * anchors.to(dtype).view(1, num_anchors, 1, 1, 2)  # w, h = exp(t) * anchor
+    out[..., 4:].sigmoid_()  # objectness, classes
     return out.view(batch, num_anchors * height * width, channels)
 
 

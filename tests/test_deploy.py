@@ -211,3 +211,14 @@ def test_bench_deploy_names_missing_data_and_weights(tmp_path, capsys):
         deploy.main(["--data", str(tmp_path / "nowhere"), "--weights", str(tmp_path / "w.weights")])
     with pytest.raises(SystemExit, match=f"error: --weights {tmp_path / 'w.weights'}: no such file"):
         deploy.main(["--data", str(DATA / "coco"), "--weights", str(tmp_path / "w.weights")])
+
+
+def test_bench_alternates_forms_and_times_bursts_after_a_warm_call():
+    """bench/deploy.py alternating_ms: per round, each form in turn gets one untimed call, then `burst` timed ones."""
+    from bench import deploy
+
+    order: list[str] = []
+    ms = deploy.alternating_ms({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, rounds=2, pause=0,
+                               burst=3)
+    assert order == ["a"] * 4 + ["b"] * 4 + ["a"] * 4 + ["b"] * 4
+    assert [len(v) for v in ms.values()] == [6, 6] and all(t >= 0 for v in ms.values() for t in v)

@@ -251,7 +251,8 @@ class TrainConfig(Section):
     # are 25-4,500 (BENCHMARKS.md, Gradient norms) and this catches outliers only
     clip_grad_norm: float | None = 10000.0  # > 0
     ema: bool = True  # keep an exponential moving average of the weights, used for evaluation
-    ema_decay: float = Field(0.9999, gt=0, lt=1)  # ramped up over the first steps (decay * (1 - exp(-step / 2000)))
+    ema_decay: float = Field(0.9999, gt=0, lt=1)  # ramped up over the first steps (decay * (1 - exp(-step / ema_ramp)))
+    ema_ramp: float = Field(2000.0, gt=0)  # optimiser steps: the EMA decay's ramp (YOLOv5's tau)
     checkpoint_every: int = Field(1000, ge=1)  # steps between writes of last.pt (also written at exit)
     patience: int | None = None  # stop after this many evaluations without improvement; null: never
     max_bad_steps: int = Field(20, ge=1)  # stop after this many consecutive non-finite (skipped) steps

@@ -30,8 +30,8 @@ def stored(name: str) -> dict:
     return yaml.safe_load((ROOT / "tests" / "data" / f"config_{name}_801c329.yaml").read_text())
 
 
-# keys added since (issue 21), with the defaults an old checkpoint's config takes; and the two defaults that changed
-ADDED = {"train": {"recipe": "auto", "keep_start": False}}
+# keys added since (issues 21, 23), with the defaults an old checkpoint's config takes; and the defaults that changed
+ADDED = {"train": {"recipe": "auto", "keep_start": False, "encoder_lr_scale": 1.0, "ema_ramp": 2000.0}}
 CHANGED = {"data": {"workers": "auto"}, "train": {"amp": "auto"}, "model": {"num_classes": None}}  # None: the data's
 
 

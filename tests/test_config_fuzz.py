@@ -155,3 +155,9 @@ def test_bad_set_on_the_command_line_prints_no_traceback(tmp_path):
                          timeout=300)
     assert run.returncode == 1 and "Traceback" not in run.stderr
     assert run.stderr.strip() == "error: --set: data.img_size=100: must be a positive multiple of 32; use 96 or 128"
+
+
+def test_a_key_hypothesis_found_names_itself():
+    """A lone surrogate in a key (YAML can carry one as an escape): pydantic names only the group; ours the key."""
+    with pytest.raises(ConfigError, match=r"^fuzz.yaml: model.\ud800=1: unknown model key"):
+        config_from_dict({"model": {"\ud800": 1}}, "fuzz.yaml")

@@ -146,6 +146,10 @@ class _Layers:
         """Validate the merged groups; the first problem as one ConfigError naming its source, key and value."""
         for group, body in self.groups.items():
             for key, value in body.items():
+                if isinstance(key, str) and any(0xD800 <= ord(c) <= 0xDFFF for c in key):
+                    # a lone surrogate: pydantic cannot read the key and would name only the group
+                    self.fail(self.origins.get(f"{group}.{key}", self.source), f"{group}.{key}", value,
+                              unknown(f"{group} key", key, self.sections[group].model_fields))
                 if problem := _out_of_range(value):
                     self.fail(self.origins[f"{group}.{key}"], f"{group}.{key}", value, problem)
         try:

@@ -115,8 +115,9 @@ def runners(arch: str, weights: Path, files: dict[str, Path], size: int, threads
     model = load_model(weights, cfg)[0].fuse()
     model, form = choose_form(model, torch.device("cpu"), size)
     tools = AutocastModule(model, form.dtype)
-    built = {FORMS[0]: lambda: tools, FORMS[3]: lambda: ExportedModel(files[FORMS[3]], threads, "f32")}
-    return {name: built.get(name, lambda name=name: ExportedModel(files[name], threads))() for name in forms}, str(form)
+    exported = {name: ExportedModel(files[name], threads, "f32" if name == FORMS[3] else None)
+                for name in forms if name != FORMS[0]}
+    return {FORMS[0]: tools, **exported}, str(form)
 
 
 class AutocastModule(torch.nn.Module):
@@ -168,9 +169,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--arch", nargs="+", default=["yolov3-tiny", "yolov3"], choices=("yolov3-tiny", "yolov3"))
     parser.add_argument("--out", type=Path, help="folder for the exported files (default: a temporary one)")
     parser.add_argument("--forms", nargs="+", choices=KEYS[1:], default=list(KEYS[1:]),
-                        help="the runtimes timed against the tools' form (default: all). Each compiled model stays "
-                        "loaded in the process: with several OpenVINO models loaded, OpenVINO's calls back to back "
-                        "ran 2x slower than with one (BENCHMARKS.md), so `--forms ov` times the pair alone")
+                        help="the runtimes timed against the tools' form (default: all); every compiled model stays "
+                        "loaded in the process while the others are timed")
     args = parser.parse_args(argv)
     forms = tuple(name for name, key in zip(FORMS, KEYS, strict=True) if key == "tools" or key in args.forms)
     data = checked_data(args.data)

@@ -9,10 +9,10 @@ Ours: the weights loaded as validation.py loads them, BN fused, in the form mode
 machine (what validation.py prints as its "inference form"), under inference_mode. pytorchyolo: `load_model(cfg,
 weights)` in eval mode under torch.no_grad() in fp32, as its test.py / detect.py run it (they have no other form).
 Both see the images of --data's val2017, letterboxed to --size, in batches of --batch (pytorchyolo's test.py
-evaluates in batches of 8), as float [0, 1] for pytorchyolo and uint8 for ours (our loaders' dtype; the model
-normalises). One call is one pass over all images; the two alternate as bench/deploy.py alternating_ms times
-them (per round: a pause, an untimed pass, BURST timed passes); the figure is ms per image, the median of the timed
-passes, and the ratio of the medians.
+evaluates in batches of 8), converted before timing as each loader gives them: float [0, 1] for pytorchyolo, uint8
+for ours (the model normalises, inside the timed forward). One call is one pass over all images; the two
+alternate as bench/deploy.py alternating_ms times them (per round: a pause, an untimed pass, BURST timed passes);
+the figure is ms per image, the median of the timed passes, and the ratio of the medians.
 """
 from __future__ import annotations
 
@@ -75,17 +75,18 @@ def main() -> None:
     cfg = load_config(ROOT / "args.yaml", [f"model.arch={args.arch}"])
     ours, form = choose_form(load_model(args.weights, cfg)[0].fuse(), torch.device("cpu"), args.size)
     inputs = batches(data, args.size, args.batch)
+    peer_inputs = [x.float() / 255 for x in inputs]
     images = sum(len(x) for x in inputs)
 
     def run_ours() -> None:
         with torch.inference_mode(), form.autocast(torch.device("cpu")):
             for x in inputs:
-                ours(x.contiguous(memory_format=torch.channels_last))
+                ours(x)
 
     def run_peer() -> None:
         with torch.no_grad():
-            for x in inputs:
-                peer(x.float() / 255)
+            for x in peer_inputs:
+                peer(x)
     ms = alternating_ms({"ours": run_ours, "pytorchyolo": run_peer}, args.rounds)
     median = {name: statistics.median(v) / images for name, v in ms.items()}
     print(machine(torch.device("cpu")))

@@ -6,12 +6,15 @@ and last.pt (the run's last evaluation).
     MALLOC_MMAP_THRESHOLD_=1000000000 MALLOC_TRIM_THRESHOLD_=1000000000 \\
         .venv/bin/python bench/own_data.py --data DIR --weights yolov3-tiny.weights --minutes 5 15
 
-Datasets, under --data (COCO-format folders): robot_indoor/ (64 train / 21 val photos, 30 classes COCO lacks);
+Datasets, under --data (COCO-format folders): robot_indoor/ (64 train / 21 val photos, 30 classes, 15 of them COCO's);
 "coco_mini-3", coco_mini/ reduced to person, book and toilet (its 50 train2017 images to train, its 50 val2017 held
 out); "coco-person" and "coco-animal", one-class cuts: train = the coco128/ and coco_mini/train2017 images holding a
 person (or one of COCO's ten animals, merged into one new class "animal"), val = coco_mini/val2017's. Darknet's COCO
 training left val2017 out, so every held-out image is new to the full file too; the person set is a COCO class with
-COCO's own box style (the start is strong there), the animal set a class COCO splits ten ways.
+COCO's own box style (the start is strong there), the animal set a class COCO splits ten ways. "robot-chair" and
+"robot-coco": robot_indoor reduced to its chairs, or to its 15 classes whose names match COCO's (VOC spellings:
+sofa, tvmonitor, ...): objects COCO knows, in indoor photos it never saw (the closest we have to a user's photos of
+people, cars or animals).
 """
 from __future__ import annotations
 
@@ -33,6 +36,8 @@ from bench.common import machine  # noqa: E402
 from models.transfer import cut_prefix  # noqa: E402
 
 COCO3 = ("person", "book", "toilet")
+ROBOT_COCO = ("chair", "diningtable", "cup", "book", "pottedplant", "sofa", "tvmonitor", "bowl", "vase", "sink",
+              "remote", "bottle", "backpack", "bed", "person")  # robot_indoor's classes with a COCO row
 ANIMALS = ("bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe")
 EVAL = re.compile(r"eval at step (\d+) \| AP ([\d.]+) AP50 ([\d.]+)")
 RECIPE = re.compile(r"recipe: (.*)")
@@ -115,7 +120,8 @@ def main() -> None:
     parser.add_argument("--weights", type=Path, required=True, help="the full COCO-trained yolov3-tiny.weights")
     parser.add_argument("--minutes", type=float, nargs="+", default=[5.0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/own_data"))
-    parser.add_argument("--datasets", nargs="+", default=["coco-person", "coco-animal", "robot_indoor", "coco_mini-3"])
+    parser.add_argument("--datasets", nargs="+", default=["coco-person", "coco-animal", "robot_indoor", "coco_mini-3",
+                                                          "robot-chair", "robot-coco"])
     parser.add_argument("--starts", nargs="+", default=["coco"], choices=["scratch", "prefix", "coco"])
     parser.add_argument("--recipes", nargs="+", default=["old", "new"], choices=["old", "new"])
     args = parser.parse_args()
@@ -129,6 +135,9 @@ def main() -> None:
     cut_prefix(args.weights, prefix, "yolov3-tiny")
     sets = {"robot_indoor": lambda: (args.data / "robot_indoor", 30),
             "coco_mini-3": lambda: (coco_subset(args.data / "coco_mini", args.work / "coco_mini-3", COCO3), 3),
+            "robot-chair": lambda: (coco_subset(args.data / "robot_indoor", args.work / "robot-chair", ("chair",)), 1),
+            "robot-coco": lambda: (coco_subset(args.data / "robot_indoor", args.work / "robot-coco", ROBOT_COCO),
+                                   len(ROBOT_COCO)),
             "coco-person": lambda: (one_class_cut(args.data, args.work / "coco-person", ("person",), "person"), 1),
             "coco-animal": lambda: (one_class_cut(args.data, args.work / "coco-animal", ANIMALS, "animal"), 1)}
     starts = {"scratch": None, "prefix": prefix, "coco": args.weights}

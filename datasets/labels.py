@@ -25,7 +25,9 @@ import logging
 import math
 import os
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from PIL import Image
 
@@ -56,6 +58,7 @@ COUNT_MEANINGS = {
     "labels_without_images": "label files without an image (ignored)",
 }
 
+T = TypeVar("T")
 Box = tuple[int, float, float, float, float]  # class index, x1, y1, x2, y2 in pixels of the continuous 0-based frame
 
 
@@ -249,22 +252,32 @@ def _pair(images: Path, labels: Path, suffix: str, counts: dict[str, int]) -> li
     return [(path, label_files.get(key)) for key, path in found.items()]
 
 
-def yolo_records(pairs: list[tuple[Path, Path | None]], image_root: Path, names: list[str], counts: dict[str, int],
-                 skip_bad: bool) -> list[tuple[str, tuple[int, int], list[Box]]]:
-    """(file_name relative to image_root, size, boxes) per (image, YOLO label file or None)."""
-    records = []
+def per_image(pairs: list[tuple[Path, Path | None]], image_root: Path, counts: dict[str, int], skip_bad: bool,
+              read: Callable[[Path, Path | None], T]) -> list[tuple[str, T]]:
+    """(file_name relative to image_root, read(image, label file or None)) per pair; a LabelError raises or, with
+    skip_bad, drops the image and counts a bad file."""
+    done = []
     for path, label in pairs:
         try:
-            size = image_size(path)
-            boxes = read_yolo(label, size, len(names), counts, skip_bad) if label else []
+            value = read(path, label)
         except LabelError:
             if not skip_bad:
                 raise
             counts["bad_files"] += 1
             continue
         counts["images_without_labels"] += label is None
-        records.append((path.relative_to(image_root).as_posix(), size, boxes))
-    return records
+        done.append((path.relative_to(image_root).as_posix(), value))
+    return done
+
+
+def yolo_records(pairs: list[tuple[Path, Path | None]], image_root: Path, names: list[str], counts: dict[str, int],
+                 skip_bad: bool) -> list[tuple[str, tuple[int, int], list[Box]]]:
+    """(file_name relative to image_root, size, boxes) per (image, YOLO label file or None)."""
+    def read(path: Path, label: Path | None) -> tuple[tuple[int, int], list[Box]]:
+        size = image_size(path)
+        return size, read_yolo(label, size, len(names), counts, skip_bad) if label else []
+
+    return [(name, size, boxes) for name, (size, boxes) in per_image(pairs, image_root, counts, skip_bad, read)]
 
 
 def yolo_to_coco(images: Path, labels: Path, names: list[str], skip_bad: bool = False
@@ -282,23 +295,16 @@ VocParsed = tuple[str, tuple[int, int], Path | None, list]  # file_name, size, x
 def parse_voc_images(pairs: list[tuple[Path, Path | None]], image_root: Path, counts: dict[str, int],
                      skip_bad: bool) -> list[VocParsed]:
     """Read the VOC xml of each (image, xml or None): size checked against the image, objects in pixels."""
-    parsed = []
-    for path, xml in pairs:
-        try:
-            size = image_size(path)
-            xml_size, objects = read_voc(xml) if xml else (None, [])
-            if xml_size and xml_size not in (size, size[::-1]):
-                raise LabelError(f"{xml}: <size> {xml_size[0]} x {xml_size[1]} but {path} is {size[0]} x {size[1]}; "
-                                 "expected the image's size")
-        except LabelError:
-            if not skip_bad:
-                raise
-            counts["bad_files"] += 1
-            continue
-        counts["images_without_labels"] += xml is None
+    def read(path: Path, xml: Path | None) -> tuple[tuple[int, int], Path | None, list]:
+        size = image_size(path)
+        xml_size, objects = read_voc(xml) if xml else (None, [])
+        if xml_size and xml_size not in (size, size[::-1]):
+            raise LabelError(f"{xml}: <size> {xml_size[0]} x {xml_size[1]} but {path} is {size[0]} x {size[1]}; "
+                             "expected the image's size")
         # either orientation is the image; the file's own says which frame its boxes are in
-        parsed.append((path.relative_to(image_root).as_posix(), xml_size or size, xml, objects))
-    return parsed
+        return xml_size or size, xml, objects
+
+    return [(name, *read_back) for name, read_back in per_image(pairs, image_root, counts, skip_bad, read)]
 
 
 def voc_coco(parsed: list[VocParsed], names: list[str], counts: dict[str, int], skip_bad: bool) -> dict:

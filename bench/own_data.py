@@ -103,6 +103,8 @@ def run(root: Path, classes: int, start: Path | None, minutes: float, logs: Path
     started = time.perf_counter()
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     seconds = time.perf_counter() - started
+    logs.mkdir(parents=True, exist_ok=True)
+    (logs / f"{name}.log").write_text(done.stdout + done.stderr)  # the mixes keep_start tried are only in the log
     if done.returncode:
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
     evals = [(int(s), float(ap), float(ap50)) for s, ap, ap50 in EVAL.findall(done.stdout)]

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from engine.merge import best_mix, interpolate
+from engine.merge import best_mix, interpolate, mix_rank
 
 
 def test_interpolate_mixes_floats_and_keeps_counters_from_the_trained_end():
@@ -37,3 +37,18 @@ def test_best_mix_searches_the_better_side_with_two_evaluations(curve, expected,
 
 def test_best_mix_ties_keep_the_trained_end():
     assert best_mix(lambda a: 0.5, 0.5, 0.5)[0] == 1.0
+
+
+def test_a_mix_ranks_by_ap_plus_ap50_among_those_not_below_the_start():
+    start = {"AP": 0.58, "AP50": 0.95, "AP75": 0.60}
+    boxes_better = {"AP": 0.62, "AP50": 0.95, "AP75": 0.70}  # AP50 at its ceiling, the boxes tighter
+    ap50_down = {"AP": 0.64, "AP50": 0.94, "AP75": 0.72}  # a larger sum, but AP50 below the start
+    assert mix_rank(start, start, "AP50") == (True, pytest.approx(1.53))
+    assert mix_rank(boxes_better, start, "AP50") == (True, pytest.approx(1.57))
+    assert mix_rank(ap50_down, start, "AP50") == (False, pytest.approx(1.58))
+    assert mix_rank(boxes_better, start, "AP75")[0] and not mix_rank(start | {"AP75": 0.5}, start, "AP75")[0]
+    # the search over mix_rank's tuples: alpha 0.5 tightens the boxes, the trained end loses AP50
+    stats = {0.0: start, 0.25: boxes_better | {"AP": 0.60}, 0.5: boxes_better, 1.0: ap50_down}
+    alpha, ranks = best_mix(lambda a: mix_rank(stats[a], start, "AP50"), mix_rank(start, start, "AP50"),
+                            mix_rank(ap50_down, start, "AP50"))
+    assert alpha == 0.5 and sorted(ranks) == [0.0, 0.25, 0.5, 1.0]  # the end ranks below the start: 0.25 is tried

@@ -262,7 +262,8 @@ class TrainConfig(Section):
     # the whole schedule (absolute lr_steps and cosine_t0 scale with it), the evaluations and last.pt fit in
     time_limit: float | None = None  # > 0
     # end a run started from a whole trained model with the mix (1 - a) * start + a * trained (a in 0, .25, .5,
-    # .75, 1) that scores best on the validation set (WiSE-FT: engine/merge.py); the transfer recipe turns it on
+    # .75, 1) with the best AP + AP50 on the validation set among those not below the start in AP, AP50 and
+    # eval.metric (WiSE-FT: engine/merge.py); the transfer recipe turns it on
     keep_start: bool = False
     freeze: Freeze = "none"  # none | encoder: the encoder (backbone) does not train for the first freeze_steps steps
     freeze_steps: int = Field(0, ge=0)  # optimiser steps with `freeze` in force (its BatchNorm statistics frozen too)

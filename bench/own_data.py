@@ -152,7 +152,8 @@ def main() -> None:
         for start in args.starts:
             for minutes in args.minutes:
                 for recipe in args.recipes:  # alternating: a slower stretch of the machine hits both
-                    r = run(root, classes, starts[start], minutes, args.work / "logs", f"{data}_{start}_{recipe}",
+                    name = f"{data}_{start}_{minutes:g}min_{recipe}"
+                    r = run(root, classes, starts[start], minutes, args.work / "logs", name,
                             OLD if recipe == "old" else ())
                     rows.append((data, start, recipe, r))
                     ap = " | ".join(f"{r[k][0]:.3f} / {r[k][1]:.3f}" for k in ("start", "best", "last"))

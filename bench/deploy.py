@@ -16,10 +16,14 @@ Calibration: the first 50 images of --data's train2017 (not the validation image
 AP50: YOLOv3-tiny with --weights (the official Darknet file) in every form on --data's val2017 at --size, conf
 0.001, through validation.py's prediction path (engine.evaluate). YOLOv3 runs with seeded random weights (its
 speed does not depend on them). The files are written by export.py itself (a subprocess), into --out.
+`--alone`: each form timed alone in a fresh process (bench/alone.py, no other runtime loaded), the processes
+alternating round by round: what a user running only that runtime sees (in one process the runtimes' thread pools
+share the 2 cores; see PAUSE).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -149,6 +153,27 @@ def alternating_ms(calls: dict[str, Callable[[], object]], rounds: int, pause: f
     return ms
 
 
+def alone_ms(arch: str, weights: Path, files: dict[str, Path], forms: tuple[str, ...], batch: int, size: int,
+             threads: int, rounds: int) -> tuple[dict[str, list[float]], str]:
+    """ms per call of each form, each alone in a fresh process (bench/alone.py: BURST * 5 calls back to back after 5
+    untimed), the forms' processes alternating over `rounds` rounds (all of a form's calls in one list); and the
+    tools' form's probe line from its last worker."""
+    ms: dict[str, list[float]] = {name: [] for name in forms}
+    probe = ""
+    for _ in range(rounds):
+        for name in forms:
+            key = KEYS[FORMS.index(name)]
+            target = (["--weights", str(weights), "--arch", arch] if key == "tools" else ["--file", str(files[name])])
+            command = [sys.executable, str(ROOT / "bench" / "alone.py"), "--form", key, *target, "--batch",
+                       str(batch), "--size", str(size), "--threads", str(threads), "--calls", str(BURST * 5)]
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode:
+                raise SystemExit(f"error: {' '.join(command)} failed:\n{done.stderr[-3000:]}")
+            ms[name] += json.loads(done.stdout.splitlines()[-1])["ms"]
+            probe = next((line[6:] for line in done.stderr.splitlines() if line.startswith("form: ")), probe)
+    return ms, probe
+
+
 def ap50(models: dict[str, torch.nn.Module], data: str, size: int) -> dict[str, float]:
     """AP50 of each on --data's val2017 at `size` (conf 0.001, validation.py's path)."""
     cfg = load_config(ROOT / "args.yaml", ["model.arch=yolov3-tiny", f"data.root={data}", f"data.img_size={size}",
@@ -171,6 +196,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--forms", nargs="+", choices=KEYS[1:], default=list(KEYS[1:]),
                         help="the runtimes timed against the tools' form (default: all); every compiled model stays "
                         "loaded in the process while the others are timed")
+    parser.add_argument("--alone", action="store_true",
+                        help="time each form alone in its own fresh process (bench/alone.py), the processes "
+                        "alternating, instead of all in this one; AP50 is still scored here")
     args = parser.parse_args(argv)
     forms = tuple(name for name, key in zip(FORMS, KEYS, strict=True) if key == "tools" or key in args.forms)
     data = checked_data(args.data)
@@ -189,8 +217,9 @@ def main(argv: list[str] | None = None) -> None:
         out.mkdir(parents=True, exist_ok=True)
         lines = [f"Machine: {machine(torch.device('cpu'))}", "",
                  f"{args.threads} threads in every runtime; {args.rounds} alternating rounds, medians; glibc malloc "
-                 f"{'pinned' if pinned else 'NOT pinned'}; onnxruntime {version('onnxruntime')}, openvino "
-                 f"{version('openvino')}, nncf {version('nncf')}", "",
+                 f"{'pinned' if pinned else 'NOT pinned'}; "
+                 f"{'each form alone in its own process' if args.alone else 'all forms in one process'}; "
+                 f"onnxruntime {version('onnxruntime')}, openvino {version('openvino')}, nncf {version('nncf')}", "",
                  f"| model, {args.size} px | batch | " + " | ".join(forms) + " |", "|---" * (len(forms) + 2) + "|"]
         probes, scores = [], {}
         for arch in args.arch:
@@ -200,17 +229,22 @@ def main(argv: list[str] | None = None) -> None:
                 weights = out / f"{arch}.weights"
                 build_model(arch).save_darknet_weights(weights)
             files = export_files(arch, weights, data, args.size, out / arch)
-            models, probe = runners(arch, weights, files, args.size, args.threads, forms)
-            probes.append(f"- {arch}: {probe}")
+            # --alone: no runtime loaded here while the workers run; the models are built after, for AP50
+            models, probe = ({}, "") if args.alone else runners(arch, weights, files, args.size, args.threads, forms)
             for batch in (1, 8):
                 x = torch.rand(batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
-                ms = alternating_ms({name: (lambda m=m, x=x: m(x)) for name, m in models.items()}, args.rounds)
+                if args.alone:
+                    ms, probe = alone_ms(arch, weights, files, forms, batch, args.size, args.threads, args.rounds)
+                else:
+                    ms = alternating_ms({name: (lambda m=m, x=x: m(x)) for name, m in models.items()}, args.rounds)
                 tools = statistics.median(ms[FORMS[0]])
                 cells = [f"{statistics.median(v):.1f}" + ("" if name == FORMS[0] else
                                                           f" ({statistics.median(v) / tools:.2f}x)")
                          for name, v in ms.items()]
                 lines.append(f"| {arch} | {batch} | " + " | ".join(cells) + " |")
+            probes.append(f"- {arch}: {probe}" + (" (in the workers)" if args.alone else ""))
             if arch == "yolov3-tiny":
+                models = models or runners(arch, weights, files, args.size, args.threads, forms)[0]
                 scores = ap50(models, data, args.size)
         if scores:
             lines.append(f"| AP50, yolov3-tiny ({args.weights.name}) on {Path(data).name} val | | " +

@@ -109,7 +109,8 @@ def run(root: Path, classes: int, start: Path | None, minutes: float, logs: Path
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
     evals = [(int(s), float(ap), float(ap50)) for s, ap, ap50 in EVAL.findall(done.stdout)]
     best = max(evals, key=lambda e: e[2])  # eval.metric AP50 picks best.pt
-    return {"steps": evals[-1][0], "start": evals[0][1:], "best": best[1:], "last": evals[-1][1:],
+    start = evals[0][1:] if evals[0][0] == 0 else None  # scratch and prefix starts have no step-0 evaluation
+    return {"steps": evals[-1][0], "start": start, "best": best[1:], "last": evals[-1][1:],
             "minutes": seconds / 60, "command": " ".join(command[1:]),
             "recipe": next(iter(RECIPE.findall(done.stdout)), "")}
 
@@ -156,7 +157,8 @@ def main() -> None:
                     r = run(root, classes, starts[start], minutes, args.work / "logs", name,
                             OLD if recipe == "old" else ())
                     rows.append((data, start, recipe, r))
-                    ap = " | ".join(f"{r[k][0]:.3f} / {r[k][1]:.3f}" for k in ("start", "best", "last"))
+                    ap = " | ".join(f"{r[k][0]:.3f} / {r[k][1]:.3f}" if r[k] else "(no step-0 evaluation)"
+                                    for k in ("start", "best", "last"))
                     print(f"| {data} | {start} | {recipe} | {minutes:g} ({r['minutes']:.1f}) | {r['steps']} | {ap} |",
                           flush=True)
     print()

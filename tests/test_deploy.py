@@ -222,3 +222,21 @@ def test_bench_alternates_forms_and_times_bursts_after_a_warm_call():
                                burst=3)
     assert order == ["a"] * 4 + ["b"] * 4 + ["a"] * 4 + ["b"] * 4
     assert [len(v) for v in ms.values()] == [6, 6] and all(t >= 0 for v in ms.values() for t in v)
+
+
+def test_bench_alone_times_each_form_in_its_own_process(exported):
+    """bench/deploy.py --alone: each form runs in a fresh bench/alone.py process, in alternating rounds; the worker's
+    OpenVINO call computes what the tools' ExportedModel computes on the same file, and each worker reports its
+    calls (and the tools' form its probe)."""
+    from bench import alone, deploy
+
+    model, tmp = exported
+    x = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    worker = alone.runtime_call("ov-f32", tmp / "model.xml", threads=1)
+    torch.testing.assert_close(torch.from_numpy(worker(x.numpy())),
+                               ExportedModel(tmp / "model.xml", 1, precision="f32")(x), atol=0, rtol=0)
+    forms = (deploy.FORMS[0], deploy.FORMS[2])
+    ms, probe = deploy.alone_ms("yolov3-tiny", tmp / "model.weights", {deploy.FORMS[2]: tmp / "model.xml"}, forms,
+                                batch=1, size=SIZE, threads=1, rounds=2)
+    assert {name: len(v) for name, v in ms.items()} == {name: 2 * deploy.BURST * 5 for name in forms}
+    assert all(t > 0 for v in ms.values() for t in v) and probe  # e.g. "fp32 (probe: ...)"

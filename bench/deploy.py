@@ -232,10 +232,10 @@ def main(argv: list[str] | None = None) -> None:
             # --alone: no runtime loaded here while the workers run; the models are built after, for AP50
             models, probe = ({}, "") if args.alone else runners(arch, weights, files, args.size, args.threads, forms)
             for batch in (1, 8):
-                x = torch.rand(batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
                 if args.alone:
                     ms, probe = alone_ms(arch, weights, files, forms, batch, args.size, args.threads, args.rounds)
                 else:
+                    x = torch.rand(batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
                     ms = alternating_ms({name: (lambda m=m, x=x: m(x)) for name, m in models.items()}, args.rounds)
                 tools = statistics.median(ms[FORMS[0]])
                 cells = [f"{statistics.median(v):.1f}" + ("" if name == FORMS[0] else

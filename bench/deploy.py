@@ -46,11 +46,21 @@ from models.forms import choose_form  # noqa: E402
 from models.runtime import ExportedModel, import_optional  # noqa: E402
 from models.transfer import load_model  # noqa: E402
 from utils.config_load import load_config  # noqa: E402
+from utils.hardware import cpu_flags  # noqa: E402
 
 FORMS = ("tools' form", "ONNX Runtime fp32", "OpenVINO default", "OpenVINO f32", "INT8 NNCF (OpenVINO)",
          "INT8 ORT static (ONNX Runtime)")
 KEYS = ("tools", "ort", "ov", "ov-f32", "int8", "ort-int8")  # --forms names of FORMS, in order
 CALIBRATION_IMAGES = 50
+# x86 int8 dot-product instructions: without them ONNX Runtime's U8S8 kernels use VPMADDUBSW, whose 16-bit sums can
+# saturate; its quantisation docs advise 7-bit weights (reduce_range) there. Measured on an AVX2-only EPYC: AP50
+# 0.3444 with 8-bit weights, 0.4570 with 7-bit (fp32 0.4480; BENCHMARKS.md)
+VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def ort_reduce_range(flags: frozenset[str]) -> bool:
+    """Whether ONNX Runtime's static INT8 should quantise weights to 7 bits: on a CPU with none of VNNI_FLAGS."""
+    return not flags & VNNI_FLAGS
 
 
 # Each runtime keeps its threads spinning for a while after a call (OpenMP's wait policy, ONNX Runtime's
@@ -80,9 +90,9 @@ def export_files(arch: str, weights: Path, data: str, size: int, out: Path) -> d
 
 
 def quantize_onnxruntime(source: Path, path: Path, calib: Path, size: int) -> Path:
-    """ONNX Runtime static INT8 quantisation (QDQ, per-channel weights, MinMax calibration on the first
-    CALIBRATION_IMAGES images of `calib`) of `source`, the decoding after the last convolutions left in float (as
-    NNCF's route does), with `source`'s metadata."""
+    """ONNX Runtime static INT8 quantisation (QDQ, per-channel weights, 7-bit where the CPU has no VNNI, MinMax
+    calibration on the first CALIBRATION_IMAGES images of `calib`) of `source`, the decoding after the last
+    convolutions left in float (as NNCF's route does), with `source`'s metadata."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
@@ -103,7 +113,8 @@ def quantize_onnxruntime(source: Path, path: Path, calib: Path, size: int) -> Pa
     graph = onnx.load(str(source))
     last_conv = max(i for i, n in enumerate(graph.graph.node) if n.op_type == "Conv")  # the decoding follows it
     quantize_static(str(source), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    reduce_range=ort_reduce_range(cpu_flags()), activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8,
                     nodes_to_quantize=[n.name for n in graph.graph.node[:last_conv + 1]])
     quantized = onnx.load(str(path))
     quantized.metadata_props.extend(graph.metadata_props)
@@ -251,6 +262,9 @@ def main(argv: list[str] | None = None) -> None:
                          " | ".join(f"{scores[name]:.4f}" for name in forms) + " |")
         lines += ["", "ms per call (per batch), median; (x): time / the tools' form's, > 1 slower. The tools' form "
                   "(models/forms.py probe):", *probes]
+        if FORMS[5] in forms:
+            lines.append(f"- {FORMS[5]}: " + ("7-bit weights (reduce_range: no VNNI on this CPU)"
+                                              if ort_reduce_range(cpu_flags()) else "8-bit weights (VNNI here)"))
     print("\n".join(lines))
 
 

@@ -93,13 +93,15 @@ def one_class_cut(data: Path, out: Path, names: tuple[str, ...], new_name: str) 
     return out
 
 
-def run(root: Path, classes: int, start: Path | None, minutes: float, logs: Path, name: str,
-        recipe: tuple[str, ...]) -> dict:
-    """One time-limited training; its steps, the start's, best and last evaluations, and the wall minutes."""
+def run(root: Path, classes: int, start: Path | None, minutes: float | None, logs: Path, name: str,
+        recipe: tuple[str, ...], steps: int | None = None) -> dict:
+    """One training, time-limited (minutes) or of fixed length (steps: AP then depends on the steps, not on the
+    machine's speed); its steps, the start's, best and last evaluations, and the wall minutes."""
+    length = ([f"train.time_limit={minutes}"] if steps is None else
+              [f"train.steps={steps}", "train.lr_steps=[0.8,0.9]", f"eval.every={steps}"])
     command = [sys.executable, "main.py", "--device", "cpu", *(["--weights", str(start)] if start else []),
                "--set", f"data.root={root}", "model.arch=yolov3-tiny", f"model.num_classes={classes}",
-               "data.img_size=320", f"train.time_limit={minutes}", f"logging.dir={logs}", f"logging.name={name}",
-               *recipe]
+               "data.img_size=320", *length, f"logging.dir={logs}", f"logging.name={name}", *recipe]
     started = time.perf_counter()
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     seconds = time.perf_counter() - started
@@ -127,7 +129,16 @@ def main() -> None:
                                                           "robot-chair", "robot-coco"])
     parser.add_argument("--starts", nargs="+", default=["coco"], choices=["scratch", "prefix", "coco"])
     parser.add_argument("--recipes", nargs="+", default=["old", "new"], choices=["old", "new"])
+    parser.add_argument("--steps", type=int, default=None,
+                        help="fixed-length runs of this many optimiser steps instead of --minutes (lr decays at 80%% "
+                             "and 90%% as in a time-limited run; evaluated at step 0 and at the end): a candidate "
+                             "compared by steps, whatever the machine's speed")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="config overrides added to every run after the recipe's (a candidate: e.g. "
+                             "train.optimizer=adam); they join the runs' names")
     args = parser.parse_args()
+    if args.steps is not None and args.steps < 1:
+        raise SystemExit(f"error: --steps {args.steps}: give a positive number of optimiser steps")
     missing = [name for name in ("robot_indoor", "coco_mini", "coco128") if not (args.data / name).is_dir()]
     if missing:
         raise SystemExit(f"error: --data {args.data}: no {' or '.join(missing)} folder in it")
@@ -151,16 +162,18 @@ def main() -> None:
     for data in args.datasets:
         root, classes = sets[data]()
         for start in args.starts:
-            for minutes in args.minutes:
+            for minutes in [None] if args.steps else args.minutes:
                 for recipe in args.recipes:  # alternating: a slower stretch of the machine hits both
-                    name = f"{data}_{start}_{minutes:g}min_{recipe}"
+                    length = f"{args.steps}steps" if args.steps else f"{minutes:g}min"
+                    name = "_".join([data, start, length, recipe, *(o.replace("=", "-") for o in args.overrides)])
                     r = run(root, classes, starts[start], minutes, args.work / "logs", name,
-                            OLD if recipe == "old" else ())
+                            (*(OLD if recipe == "old" else ()), *args.overrides), args.steps)
                     rows.append((data, start, recipe, r))
                     ap = " | ".join(f"{r[k][0]:.3f} / {r[k][1]:.3f}" if r[k] else "(no step-0 evaluation)"
                                     for k in ("start", "best", "last"))
-                    print(f"| {data} | {start} | {recipe} | {minutes:g} ({r['minutes']:.1f}) | {r['steps']} | {ap} |",
-                          flush=True)
+                    wall = f"{minutes:g} ({r['minutes']:.1f})" if minutes else f"({r['minutes']:.1f})"
+                    label = " ".join((recipe, *args.overrides))
+                    print(f"| {data} | {start} | {label} | {wall} | {r['steps']} | {ap} |", flush=True)
     print()
     for data, start, recipe, r in rows:
         print(f"- {data}, {start}, {recipe}: `{r['command']}`" + (f"; recipe: {r['recipe']}" if r["recipe"] else ""))

@@ -52,6 +52,13 @@ def test_bench_scripts_ask_for_data(script):
     assert done.returncode == 2 and "the following arguments are required: --data" in done.stderr, done.stderr
 
 
+def test_own_data_refuses_a_run_of_no_steps(tmp_path):
+    """--steps 0 would train nothing and report the start as the result: refused, naming the value."""
+    done = subprocess.run([sys.executable, "bench/own_data.py", "--data", str(tmp_path), "--weights", "w",
+                           "--steps", "0"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "--steps 0: give a positive number of optimiser steps" in done.stderr
+
+
 def test_bench_script_names_a_missing_data_folder(tmp_path):
     done = subprocess.run([sys.executable, "bench/evaluation.py", "--data", str(tmp_path / "nowhere")], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)

@@ -240,3 +240,18 @@ def test_bench_alone_times_each_form_in_its_own_process(exported):
                                 batch=1, size=SIZE, threads=1, rounds=2)
     assert {name: len(v) for name, v in ms.items()} == {name: 2 * deploy.BURST * 5 for name in forms}
     assert all(t > 0 for v in ms.values() for t in v) and probe  # e.g. "fp32 (probe: ...)"
+
+
+@pytest.mark.parametrize(("flags", "reduce_range"), [
+    (frozenset({"avx2", "fma"}), True),  # AVX2 only: VPMADDUBSW saturates 8-bit weights (AP50 0.34 vs 0.46 measured)
+    (frozenset({"avx2", "avx512f", "avx512bw"}), True),  # Skylake-SP: AVX-512 without VNNI, the same instruction
+    (frozenset({"avx2", "avx512f", "avx512_vnni"}), False),  # Cascade Lake and later, Zen 4
+    (frozenset({"avx2", "avx_vnni"}), False),  # Alder Lake's AVX-VNNI
+    (frozenset({"avx512f", "amx_int8", "amx_tile"}), False),
+])
+def test_bench_ort_int8_uses_7bit_weights_only_without_vnni(flags, reduce_range):
+    """bench/deploy.py's ONNX Runtime static INT8 quantises weights to 7 bits exactly where the CPU has no int8 dot
+    product (ONNX Runtime's advice for U8S8 on such CPUs)."""
+    from bench import deploy
+
+    assert deploy.ort_reduce_range(flags) is reduce_range

@@ -46,16 +46,14 @@ from models.forms import choose_form  # noqa: E402
 from models.runtime import ExportedModel, import_optional  # noqa: E402
 from models.transfer import load_model  # noqa: E402
 from utils.config_load import load_config  # noqa: E402
-from utils.hardware import cpu_flags  # noqa: E402
+from utils.hardware import VNNI_FLAGS, cpu_flags  # noqa: E402
 
 FORMS = ("tools' form", "ONNX Runtime fp32", "OpenVINO default", "OpenVINO f32", "INT8 NNCF (OpenVINO)",
          "INT8 ORT static (ONNX Runtime)")
 KEYS = ("tools", "ort", "ov", "ov-f32", "int8", "ort-int8")  # --forms names of FORMS, in order
 CALIBRATION_IMAGES = 50
-# x86 int8 dot-product instructions: without them ONNX Runtime's U8S8 kernels use VPMADDUBSW, whose 16-bit sums can
-# saturate; its quantisation docs advise 7-bit weights (reduce_range) there. Measured on an AVX2-only EPYC: AP50
-# 0.3444 with 8-bit weights, 0.4570 with 7-bit (fp32 0.4480; BENCHMARKS.md)
-VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+# ONNX Runtime's quantisation docs advise 7-bit weights (reduce_range) for U8S8 on CPUs without VNNI. Measured on an
+# AVX2-only EPYC: AP50 0.3444 with 8-bit weights, 0.4570 with 7-bit (fp32 0.4480; BENCHMARKS.md)
 
 
 def ort_reduce_range(flags: frozenset[str]) -> bool:

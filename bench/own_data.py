@@ -5,6 +5,7 @@ and last.pt (the run's last evaluation).
 
     MALLOC_MMAP_THRESHOLD_=1000000000 MALLOC_TRIM_THRESHOLD_=1000000000 \\
         .venv/bin/python bench/own_data.py --data DIR --weights yolov3-tiny.weights --minutes 5 15
+    # a candidate against the recipe by steps, not minutes: --steps 300 --recipes new [--set train.optimizer=adam]
 
 Datasets, under --data (COCO-format folders): robot_indoor/ (64 train / 21 val photos, 30 classes, 15 of them COCO's);
 "coco_mini-3", coco_mini/ reduced to person, book and toilet (its 50 train2017 images to train, its 50 val2017 held

@@ -22,10 +22,15 @@ from models.postprocess import postprocess
 from models.runtime import ExportedModel, detections_as_predictions
 from models.yolo import HeadOutput
 from utils.config_load import load_config
+from utils.hardware import VNNI_FLAGS, cpu_flags
 
 VAL = DATA / "coco" / "images" / "val2017"
 VAL_ANNOTATIONS = DATA / "coco" / "annotations" / "instances_val2017.json"
-INT8_AP50_TOLERANCE = 0.02  # INT8 vs float AP50 on 8 images at 64 px, calibrated on the same 8 (measured: 0)
+# INT8 vs float AP50 on 8 images at 64 px, calibrated on the same 8: measured 0 on CPUs with VNNI; 0.047 on an
+# AVX2-only EPYC, whose int8 kernels' 16-bit sums saturate and flip this random model's near-tied scores (NNCF's
+# overflow fix in every layer: 0.025 there, yet -0.004 AP50 for the official tiny weights on coco_mini, so not
+# adopted; that real model's INT8 is within 0.007 of float on both kinds, BENCHMARKS.md)
+INT8_AP50_TOLERANCE = 0.02 if cpu_flags() & VNNI_FLAGS else 0.06
 
 
 def spread_model(folder):

@@ -15,6 +15,9 @@ import torch
 CPUINFO = Path("/proc/cpuinfo")
 CONV_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")  # the flags bench/ reports
 NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})  # x86 AVX512-BF16 / AMX-BF16; ARMv8.6 BF16
+# x86 int8 dot products (AVX512-VNNI, AVX-VNNI, AMX-INT8): without them int8 kernels sum pairs of u8 x s8 products in
+# 16 bits (VPMADDUBSW), which can saturate unless weights are quantised to 7 bits (bench/deploy.py, tests)
+VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
 @functools.cache

@@ -5,7 +5,8 @@
 set. Measured on four real dev sets (BENCHMARKS.md, "Your own data"): the COCO recipe's Adam at 1e-3 with batches
 of 64 throws away what a COCO-trained start knows in a few dozen steps; SGD with momentum at 1e-3 and batches of 16
 (more, smaller steps in the same minutes), warmed up over WARMUP_EPOCHS epochs as Ultralytics does, scored best on
-every set, and ending on the best mix of the start and the trained weights (train.keep_start) keeps a run from
+every set or level with the best (Adam in batches of 16 levels with it where the data teaches much, and loses where
+training hurts), and ending on the best mix of the start and the trained weights (train.keep_start) keeps a run from
 ending below its start. The recipe changes only values left at their schema defaults and not named by --set, so
 every value can still be set by hand; a resumed run keeps the values its first run resolved (they are in its
 checkpoint's config).

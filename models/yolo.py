@@ -23,16 +23,17 @@ def decode(raw: torch.Tensor, anchors: torch.Tensor, stride: int) -> torch.Tenso
     (the conv outputs of bf16 / fp16 autocast are rounded once, ~0.03 px at stride 32).
     """
     batch, num_anchors, height, width, channels = raw.shape
-    dtype = torch.float32 if raw.dtype in (torch.bfloat16, torch.float16) else raw.dtype
-    out = raw.to(dtype, memory_format=torch.contiguous_format, copy=True)  # one pass; never the conv's own output
-    rows = torch.arange(height, device=raw.device, dtype=dtype).view(1, 1, height, 1)
-    cols = torch.arange(width, device=raw.device, dtype=dtype).view(1, 1, 1, width)
+    raw = raw.float() if raw.dtype in (torch.bfloat16, torch.float16) else raw
+    rows = torch.arange(height, device=raw.device, dtype=raw.dtype).view(1, 1, height, 1)
+    cols = torch.arange(width, device=raw.device, dtype=raw.dtype).view(1, 1, 1, width)
     grid = torch.stack(torch.broadcast_tensors(cols, rows), -1)  # (1, 1, H, W, 2): col, row
-    # into the copy, channel groups in place of a cat of three new tensors; out of place on the 4 box channels and
-    # in place on the rest last, so that autograd (an eval-mode forward with gradients) still has what it saved
-    out[..., :2] = (out[..., :2].sigmoid() + grid) * stride  # cx, cy = (sigmoid(t) + cell) * stride
-    out[..., 2:4] = out[..., 2:4].exp() * anchors.to(dtype).view(1, num_anchors, 1, 1, 2)  # w, h = exp(t) * anchor
-    out[..., 4:].sigmoid_()  # objectness, classes
+    # a cat of the three channel groups, not assignment into slices of a copy: traced for export, slice assignment
+    # becomes ONNX ScatterND plus a graph that builds its (B, A, H, W, 2, 5) index tensor on every call; with a
+    # dynamic batch OpenVINO ran that in reference kernels, 0.2 of YOLOv3-tiny's INT8 time (BENCHMARKS.md). In eager
+    # mode both read and write the map twice.
+    xy = (raw[..., :2].sigmoid() + grid) * stride  # cx, cy = (sigmoid(t) + cell) * stride
+    wh = raw[..., 2:4].exp() * anchors.to(raw.dtype).view(1, num_anchors, 1, 1, 2)  # w, h = exp(t) * anchor
+    out = torch.cat([xy, wh, raw[..., 4:].sigmoid()], -1)  # objectness, classes
     return out.view(batch, num_anchors * height * width, channels)
 
 

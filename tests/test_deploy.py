@@ -3,6 +3,7 @@ and the AP check: the OpenVINO file computes what PyTorch computes; the INT8 fil
 (AP50 on a set labelled with the float model's own detections); validation.py and detect.py run .onnx / .xml files;
 a missing runtime and an AP50 outside tolerance are one-line errors."""
 import json
+import re
 import sys
 
 import pytest
@@ -260,3 +261,23 @@ def test_bench_ort_int8_uses_7bit_weights_only_without_vnni(flags, reduce_range)
     from bench import deploy
 
     assert deploy.ort_reduce_range(flags) is reduce_range
+
+
+def test_bench_files_ab_alternates_files_each_alone(exported, capsys):
+    """bench/files_ab.py: every file at every batch, each in its own worker, one table row per file with its time
+    against the first file of its form; a wrong form or a missing file is an error naming it."""
+    from bench import files_ab
+
+    _, tmp = exported
+    xml, onnx_file = str(tmp / "model.xml"), str(tmp / "model.onnx")
+    files_ab.main(["--file", "a", "ov", xml, "--file", "b", "ort", onnx_file, "--file", "c", "ov", xml,
+                   "--batch", "1", "2", "--size", str(SIZE), "--threads", "1", "--rounds", "1"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert rows[0] == "| file | form | batch 1, ms | batch 2, ms |" and len(rows) == 4
+    ratios = [len(re.findall(r"\(\d+\.\d\dx\)", row)) for row in rows[1:]]
+    assert rows[1].startswith("| a (model.xml) | ov | ") and rows[3].startswith("| c (model.xml) | ov | ")
+    assert ratios == [0, 0, 2]  # c against a at each batch; b the first of its form
+    for bad, message in ((["x", "tools", xml], "FORM must be one of"), (["x", "ov", str(tmp / "none.xml")],
+                                                                          "no such file")):
+        with pytest.raises(SystemExit, match=message):
+            files_ab.main(["--file", *bad])

@@ -173,14 +173,21 @@ def alone_ms(arch: str, weights: Path, files: dict[str, Path], forms: tuple[str,
         for name in forms:
             key = KEYS[FORMS.index(name)]
             target = (["--weights", str(weights), "--arch", arch] if key == "tools" else ["--file", str(files[name])])
-            command = [sys.executable, str(ROOT / "bench" / "alone.py"), "--form", key, *target, "--batch",
-                       str(batch), "--size", str(size), "--threads", str(threads), "--calls", str(BURST * 5)]
-            done = subprocess.run(command, capture_output=True, text=True)
-            if done.returncode:
-                raise SystemExit(f"error: {' '.join(command)} failed:\n{done.stderr[-3000:]}")
-            ms[name] += json.loads(done.stdout.splitlines()[-1])["ms"]
-            probe = next((line[6:] for line in done.stderr.splitlines() if line.startswith("form: ")), probe)
+            calls, stderr = alone_worker(key, target, batch, size, threads)
+            ms[name] += calls
+            probe = next((line[6:] for line in stderr.splitlines() if line.startswith("form: ")), probe)
     return ms, probe
+
+
+def alone_worker(key: str, target: list[str], batch: int, size: int, threads: int) -> tuple[list[float], str]:
+    """One fresh bench/alone.py process for form `key` (KEYS) on `target` (its --file or --weights arguments): the
+    ms of its BURST * 5 timed calls, and its stderr (the tools' form's probe line); a failed worker is an error."""
+    command = [sys.executable, str(ROOT / "bench" / "alone.py"), "--form", key, *target, "--batch", str(batch),
+               "--size", str(size), "--threads", str(threads), "--calls", str(BURST * 5)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"error: {' '.join(command)} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.splitlines()[-1])["ms"], done.stderr
 
 
 def ap50(models: dict[str, torch.nn.Module], data: str, size: int) -> dict[str, float]:

@@ -11,9 +11,7 @@ markdown table, the files in the order given, (x) = time / the first file's of t
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,19 +21,10 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from bench.common import machine  # noqa: E402
+from bench.deploy import BURST, KEYS, alone_worker  # noqa: E402
 
-FORMS = ("ort", "ov", "ov-f32", "int8", "ort-int8")
-CALLS = 15
-
-
-def worker_ms(form: str, path: Path, batch: int, size: int, threads: int) -> list[float]:
-    """ms of CALLS back-to-back calls of `path` in its runtime, alone in a fresh bench/alone.py process."""
-    command = [sys.executable, str(ROOT / "bench" / "alone.py"), "--form", form, "--file", str(path), "--batch",
-               str(batch), "--size", str(size), "--threads", str(threads), "--calls", str(CALLS)]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(f"error: {' '.join(command)} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.splitlines()[-1])["ms"]
+FORMS = KEYS[1:]  # every form of bench/deploy.py but the tools' own (a file is timed here)
+CALLS = BURST * 5  # per worker: what bench/deploy.py --alone times
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -58,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     for _ in range(args.rounds):
         for batch in args.batch:
             for i, (_, form, path) in enumerate(files):
-                ms[batch, i] += worker_ms(form, path, batch, args.size, args.threads)
+                ms[batch, i] += alone_worker(form, ["--file", str(path)], batch, args.size, args.threads)[0]
     print(f"Machine: {machine(torch.device('cpu'))}; {args.rounds} alternating rounds of {CALLS} calls, each file "
           f"alone in its process; input {args.size} px\n")
     print("| file | form | " + " | ".join(f"batch {b}, ms" for b in args.batch) + " |")

@@ -24,6 +24,7 @@ from models.transfer import load_model
 from utils.checkpoint import CheckpointError
 from utils.cli import add_config_args, cli_config, device_to_gpu
 from utils.config import Config, ConfigError, EvalConfig
+from utils.hardware import cpu_has_native_bf16
 
 LETTERBOX = Preprocess()  # no augmentation: fit, pad with grey, to tensor
 NO_BOXES, NO_CLASSES = np.zeros((0, 4), np.float32), np.zeros(0, np.int64)
@@ -51,15 +52,20 @@ def compile_for_inference(model: torch.nn.Module) -> torch.nn.Module:
 
     Freezing is switched on process-wide (torch._inductor.config.freezing): inductor reads it when it compiles,
     at the first call and at each recompilation, not in torch.compile(); torch.compile(options={"freezing": True})
-    was measured no faster than eager (BENCHMARKS_HISTORY.md). The tools that call this compile nothing else.
-    Raises CompileError at once where inductor's C++ compiler is missing (it would fail only at the first call,
-    deep in a traceback)."""
+    was measured no faster than eager (BENCHMARKS_HISTORY.md). For a model on the CPU, so is inductor's C++ wrapper
+    (cpp_wrapper): the compiled kernels are called from C++ instead of a Python function, which takes the Python
+    and dispatch time between ~40 kernels out of a batch-1 forward (yolov3-tiny, 416, bf16, 2-core Zen 4: 13.8 ms
+    against 15.2 with the Python wrapper and 15.4 eager; BENCHMARKS.md, "Deployment"), for about twice the
+    compilation time. The tools that call this compile nothing else. Raises CompileError at once where inductor's
+    C++ compiler is missing (it would fail only at the first call, deep in a traceback)."""
     compiler = os.environ.get("CXX") or "g++"  # what inductor runs on a CPU (and Triton's launcher needs a C one)
     if shutil.which(compiler) is None:
         raise CompileError(f"torch.compile needs a C++ compiler: {compiler!r} (the CXX environment variable, else "
                            "g++) is not on the PATH; install one (e.g. apt install g++) or run without --compile")
     import torch._inductor.config as inductor_config
     inductor_config.freezing = True
+    if next(model.parameters()).device.type == "cpu":  # CUDA keeps the Python wrapper: not measured with it
+        inductor_config.cpp_wrapper = True
     return torch.compile(model)
 
 
@@ -73,8 +79,8 @@ def add_speed_args(parser: argparse.ArgumentParser) -> None:
                         "oneDNN once, activations fused (fp32: the same outputs, ~10%% faster at batch 1 on AVX2); "
                         "--no-pack: the plain convs (default: the probe decides)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model, weights frozen: faster per "
-                        "image after ~20 s of compilation per input shape on a CPU (needs a C++ compiler; fp32 "
-                        "unless --amp)")
+                        "image after ~20 s of compilation per input shape on a CPU (needs a C++ compiler; bf16 "
+                        "autocast on a CPU with native bf16 unless --no-amp, else fp32 unless --amp)")
 
 
 def amp_mode(flag: bool | None, configured: str, device: torch.device) -> str:
@@ -88,14 +94,18 @@ def amp_mode(flag: bool | None, configured: str, device: torch.device) -> str:
 def ready_for_inference(model: YOLO, device: torch.device, size: int, amp: str = "auto", pack: bool | None = None,
                         compile: bool = False) -> tuple[torch.nn.Module, Form]:
     """An eval-mode model (BN fused or not) as the tools run it, and its form: channels_last on `device`, then
-    compiled (`compile`: fp32, or the autocast `amp` names; no probe, each candidate would compile for ~20 s), or in
+    compiled (`compile`: the autocast `amp` names; auto: bf16 on a CPU with native bf16, where the probe picks a
+    bf16 form on every model measured, else fp32; no probe, each candidate would compile for ~20 s), or in
     the fastest form that eval.amp `amp` and `pack` allow (models/forms.py choose_form: on a CPU a probe of a few
     (1, 3, size, size) forwards when several forms qualify). Raises CompileError where `compile` cannot run, FormError
     for options that name no form."""
     if compile:
         if pack:
             raise FormError("--compile freezes and lays out the weights itself; --pack is for eager runs: choose one")
-        name = "fp32" if amp == "auto" or (amp == "fp16" and device.type == "cpu") else amp
+        if amp == "auto":
+            name = "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
+        else:
+            name = "fp32" if amp == "fp16" and device.type == "cpu" else amp
         return compile_for_inference(prepare(model, "fp32", device, size)), Form(name, compiled=True)
     return choose_form(model, device, size, amp, pack)
 

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/alone.py --form ov --file yolov3-tiny.xml --batch 1 --size 416 --threads 2
     .venv/bin/python bench/alone.py --form tools --weights yolov3-tiny.weights --arch yolov3-tiny --batch 1 ...
+    .venv/bin/python bench/alone.py --form compiled --weights ...   # as validation.py --compile runs it
 
 Why a process per form: in bench/deploy.py's one process every runtime stays loaded with its thread pool (OpenMP,
 TBB, ONNX Runtime's), and a runtime timed next to another ran slower than a user running it alone would see it
@@ -41,19 +42,24 @@ def runtime_call(form: str, path: Path, threads: int) -> Callable[[np.ndarray], 
     return lambda x: compiled(x)[0]
 
 
-def tools_call(weights: Path, arch: str, size: int, threads: int) -> Callable[[np.ndarray], object]:
-    """The tools' form (BN fused, the probe's pick, under its autocast) on a float input, as deploy.py times it."""
+def tools_call(weights: Path, arch: str, size: int, threads: int, compile: bool = False
+               ) -> Callable[[np.ndarray], object]:
+    """The tools' form (BN fused, the probe's pick, under its autocast; `compile`: as validation.py --compile runs
+    it, compiled at the first call) on a float input, as deploy.py times it."""
     import torch
 
     sys.path.insert(0, str(ROOT))
     from bench.deploy import AutocastModule
+    from inference import ready_for_inference
     from models.forms import choose_form
     from models.transfer import load_model
     from utils.config_load import load_config
 
     torch.set_num_threads(threads)
     cfg = load_config(ROOT / "args.yaml", [f"model.arch={arch}"])
-    model, form = choose_form(load_model(weights, cfg)[0].fuse(), torch.device("cpu"), size)
+    model = load_model(weights, cfg)[0].fuse()
+    model, form = (ready_for_inference(model, torch.device("cpu"), size, compile=True) if compile
+                   else choose_form(model, torch.device("cpu"), size))
     module = AutocastModule(model, form.dtype)
     print(f"form: {form}", file=sys.stderr)
     return lambda x: module(torch.from_numpy(x))
@@ -62,9 +68,10 @@ def tools_call(weights: Path, arch: str, size: int, threads: int) -> Callable[[n
 def main(argv: list[str] | None = None) -> None:
     """Build the form, warm it, time --calls calls, print {"ms": [...]}."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--form", required=True, choices=("tools", "ort", "ov", "ov-f32", "int8", "ort-int8"))
-    parser.add_argument("--file", type=Path, help="the exported file (every form but tools)")
-    parser.add_argument("--weights", type=Path, help="the weights (tools)")
+    parser.add_argument("--form", required=True,
+                        choices=("tools", "ort", "ov", "ov-f32", "int8", "ort-int8", "compiled"))  # deploy.py's KEYS
+    parser.add_argument("--file", type=Path, help="the exported file (every form but tools and compiled)")
+    parser.add_argument("--weights", type=Path, help="the weights (tools, compiled)")
     parser.add_argument("--arch", default="yolov3-tiny")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--size", type=int, default=416)
@@ -72,10 +79,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warm", type=int, default=5)
     parser.add_argument("--calls", type=int, default=15)
     args = parser.parse_args(argv)
-    if args.form == "tools":
+    if args.form in ("tools", "compiled"):
         if args.weights is None:
-            parser.error("--form tools needs --weights")
-        call = tools_call(args.weights, args.arch, args.size, args.threads)
+            parser.error(f"--form {args.form} needs --weights")
+        call = tools_call(args.weights, args.arch, args.size, args.threads, compile=args.form == "compiled")
     else:
         if args.file is None:
             parser.error(f"--form {args.form} needs --file (the exported model)")

@@ -7,6 +7,8 @@ For YOLOv3 and YOLOv3-tiny at --size, batch 1 and 8, in alternating rounds (per 
 pause, one untimed call, then BURST timed calls back to back, as a model serving a stream of requests runs: see
 PAUSE; the median of all of a form's timed calls), all with --threads threads:
 - the tools' form: the BN-fused model in the form models/forms.py's probe picks here (what validation.py runs);
+- the same model as `validation.py --compile` runs it (inference.ready_for_inference: inductor, frozen weights, the
+  C++ wrapper, bf16 autocast where the CPU has native bf16), compiled at its first call (untimed);
 - ONNX Runtime fp32 on the .onnx that export.py writes (CPU provider, graph optimisations on, its default);
 - OpenVINO on the .xml export.py writes, at its default precision hint (bf16 on a CPU with native bf16) and at f32;
 - the INT8 files: export.py --int8 (NNCF, preset mixed, on the OpenVINO file, at OpenVINO's default hint) and
@@ -23,6 +25,7 @@ share the 2 cores; see PAUSE).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -41,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 from bench.common import MALLOC_PINS, add_data_argument, checked_data, machine  # noqa: E402
 from datasets.loader import build_dataset, build_loader  # noqa: E402
 from engine.evaluate import evaluate  # noqa: E402
+from inference import ready_for_inference  # noqa: E402
 from models import build_model  # noqa: E402
 from models.forms import choose_form  # noqa: E402
 from models.runtime import ExportedModel, import_optional  # noqa: E402
@@ -49,8 +53,8 @@ from utils.config_load import load_config  # noqa: E402
 from utils.hardware import VNNI_FLAGS, cpu_flags  # noqa: E402
 
 FORMS = ("tools' form", "ONNX Runtime fp32", "OpenVINO default", "OpenVINO f32", "INT8 NNCF (OpenVINO)",
-         "INT8 ORT static (ONNX Runtime)")
-KEYS = ("tools", "ort", "ov", "ov-f32", "int8", "ort-int8")  # --forms names of FORMS, in order
+         "INT8 ORT static (ONNX Runtime)", "tools' form, --compile")
+KEYS = ("tools", "ort", "ov", "ov-f32", "int8", "ort-int8", "compiled")  # --forms names of FORMS, in order
 CALIBRATION_IMAGES = 50
 # ONNX Runtime's quantisation docs advise 7-bit weights (reduce_range) for U8S8 on CPUs without VNNI. Measured on an
 # AVX2-only EPYC: AP50 0.3444 with 8-bit weights, 0.4570 with 7-bit (fp32 0.4480; BENCHMARKS.md)
@@ -126,11 +130,16 @@ def runners(arch: str, weights: Path, files: dict[str, Path], size: int, threads
     line."""
     cfg = load_config(ROOT / "args.yaml", [f"model.arch={arch}"])
     model = load_model(weights, cfg)[0].fuse()
+    compiled = {}
+    if FORMS[6] in forms:
+        compiled_model, compiled_form = ready_for_inference(copy.deepcopy(model), torch.device("cpu"), size,
+                                                            compile=True)
+        compiled[FORMS[6]] = AutocastModule(compiled_model, compiled_form.dtype)
     model, form = choose_form(model, torch.device("cpu"), size)
     tools = AutocastModule(model, form.dtype)
     exported = {name: ExportedModel(files[name], threads, "f32" if name == FORMS[3] else None)
-                for name in forms if name != FORMS[0]}
-    return {FORMS[0]: tools, **exported}, str(form)
+                for name in forms if name not in (FORMS[0], FORMS[6])}
+    return {FORMS[0]: tools, **exported, **compiled}, str(form)
 
 
 class AutocastModule(torch.nn.Module):
@@ -172,10 +181,12 @@ def alone_ms(arch: str, weights: Path, files: dict[str, Path], forms: tuple[str,
     for _ in range(rounds):
         for name in forms:
             key = KEYS[FORMS.index(name)]
-            target = (["--weights", str(weights), "--arch", arch] if key == "tools" else ["--file", str(files[name])])
+            target = (["--weights", str(weights), "--arch", arch] if key in ("tools", "compiled")
+                      else ["--file", str(files[name])])
             calls, stderr = alone_worker(key, target, batch, size, threads)
             ms[name] += calls
-            probe = next((line[6:] for line in stderr.splitlines() if line.startswith("form: ")), probe)
+            if key == "tools":
+                probe = next((line[6:] for line in stderr.splitlines() if line.startswith("form: ")), probe)
     return ms, probe
 
 

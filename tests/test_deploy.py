@@ -3,7 +3,9 @@ and the AP check: the OpenVINO file computes what PyTorch computes; the INT8 fil
 (AP50 on a set labelled with the float model's own detections); validation.py and detect.py run .onnx / .xml files;
 a missing runtime and an AP50 outside tolerance are one-line errors."""
 import json
+import os
 import re
+import shutil
 import sys
 
 import pytest
@@ -241,11 +243,23 @@ def test_bench_alone_times_each_form_in_its_own_process(exported):
     worker = alone.runtime_call("ov-f32", tmp / "model.xml", threads=1)
     torch.testing.assert_close(torch.from_numpy(worker(x.numpy())),
                                ExportedModel(tmp / "model.xml", 1, precision="f32")(x), atol=0, rtol=0)
-    forms = (deploy.FORMS[0], deploy.FORMS[2])
+    compiler = shutil.which(os.environ.get("CXX") or "g++")  # the --compile form's worker, where it can run
+    forms = (deploy.FORMS[0], deploy.FORMS[2]) + ((deploy.FORMS[6],) if compiler else ())
     ms, probe = deploy.alone_ms("yolov3-tiny", tmp / "model.weights", {deploy.FORMS[2]: tmp / "model.xml"}, forms,
                                 batch=1, size=SIZE, threads=1, rounds=2)
     assert {name: len(v) for name, v in ms.items()} == {name: 2 * deploy.BURST * 5 for name in forms}
     assert all(t > 0 for v in ms.values() for t in v) and probe  # e.g. "fp32 (probe: ...)"
+
+
+def test_bench_alone_takes_every_form_deploy_times(capsys):
+    """bench/alone.py accepts each of deploy.py's --forms keys and says which file or weights that form needs."""
+    from bench import alone, deploy
+
+    for key in deploy.KEYS:
+        with pytest.raises(SystemExit):
+            alone.main(["--form", key])
+        needs = "--weights" if key in ("tools", "compiled") else "--file"
+        assert f"error: --form {key} needs {needs}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("flags", "reduce_range"), [

@@ -326,3 +326,26 @@ def test_amp_mode():
     assert inference.amp_mode(True, "auto", CPU) == "bf16" and inference.amp_mode(False, "bf16", CPU) == "fp32"
     assert inference.amp_mode(True, "fp32", torch.device("cuda")) == "fp16"
 
+
+
+@pytest.mark.parametrize(("has_bf16", "amp", "name"), [
+    (True, "auto", "bf16"),  # the probe picks a bf16 form on every model measured where bf16 is native
+    (False, "auto", "fp32"),  # emulated bf16 is slower than fp32
+    (True, "fp32", "fp32"), (False, "bf16", "bf16"),  # --no-amp / --amp as named
+    (True, "fp16", "fp32"),  # fp16 autocast is the CUDA path
+])
+def test_compile_picks_its_autocast_without_a_probe_and_calls_kernels_from_cpp(monkeypatch, has_bf16, amp, name):
+    """--compile runs no probe (each candidate would compile): eval.amp auto is bf16 autocast on a CPU with native
+    bf16, fp32 elsewhere; on the CPU inductor freezes the weights and calls its kernels from its C++ wrapper."""
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: has_bf16)
+    monkeypatch.setattr(forms, "probe_forms", lambda *a: pytest.fail("probed"))
+    monkeypatch.setattr(inference.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(torch, "compile", lambda model: ("compiled", model))
+    model = tiny()
+    with inductor_config.patch(freezing=False, cpp_wrapper=False):  # restored after, for the tests that compile
+        compiled, form = inference.ready_for_inference(model, CPU, 64, amp, compile=True)
+        assert inductor_config.freezing and inductor_config.cpp_wrapper
+    assert compiled == ("compiled", model) and form == Form(name, compiled=True)
+    assert str(form) == forms.DESCRIPTIONS[name] + ", torch.compile"

@@ -2,6 +2,8 @@
 detector and the probe replaced, the forms computing what the plain fp32 model computes (bf16 within a stated
 tolerance), bf16 training on the CPU, and the tools' --amp / --pack options."""
 import glob
+import os
+import shutil
 
 import cv2
 import numpy as np
@@ -206,6 +208,21 @@ def test_packed_bf16_computes_what_bf16_autocast_computes():
     assert packed.dtype == torch.float32
     torch.testing.assert_close(packed[..., 4:], autocast[..., 4:], rtol=0, atol=SCORE_ATOL / 2)
     torch.testing.assert_close(packed[..., :4], autocast[..., :4], rtol=0, atol=BOX_ATOL / 2)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not shutil.which(os.environ.get("CXX") or "g++"), reason="torch.compile needs a C++ compiler")
+def test_compiled_bf16_computes_what_bf16_autocast_computes():
+    """--compile in bf16 (its default on a CPU with native bf16): inductor's frozen bf16 weights, its own fusions of
+    the non-conv ops and its C++ wrapper give eager bf16 autocast's outputs within bf16 rounding."""
+    compiled, form = inference.ready_for_inference(tiny(), CPU, 128, "bf16", compile=True)
+    assert form == Form("bf16", compiled=True)
+    batch, _ = inference.letterbox_batch(IMAGES, 128)
+    with torch.inference_mode(), form.autocast(CPU):
+        outputs = compiled(batch).float()
+    autocast = outputs_in("bf16")
+    torch.testing.assert_close(outputs[..., 4:], autocast[..., 4:], rtol=0, atol=SCORE_ATOL / 2)
+    torch.testing.assert_close(outputs[..., :4], autocast[..., :4], rtol=0, atol=BOX_ATOL / 2)
 
 
 def test_bf16_detections_of_a_known_model_are_the_fp32_ones():

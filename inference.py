@@ -52,12 +52,13 @@ def compile_for_inference(model: torch.nn.Module) -> torch.nn.Module:
 
     Freezing is switched on process-wide (torch._inductor.config.freezing): inductor reads it when it compiles,
     at the first call and at each recompilation, not in torch.compile(); torch.compile(options={"freezing": True})
-    was measured no faster than eager (BENCHMARKS_HISTORY.md). For a model on the CPU, so is inductor's C++ wrapper
-    (cpp_wrapper): the compiled kernels are called from C++ instead of a Python function, which takes the Python
-    and dispatch time between ~40 kernels out of a batch-1 forward (yolov3-tiny, 416, bf16, 2-core Zen 4: 13.8 ms
-    against 15.2 with the Python wrapper and 15.4 eager; BENCHMARKS.md, "Deployment"), for about twice the
-    compilation time. The tools that call this compile nothing else. Raises CompileError at once where inductor's
-    C++ compiler is missing (it would fail only at the first call, deep in a traceback)."""
+    was measured no faster than eager (BENCHMARKS_HISTORY.md). For a model on the CPU inductor's C++ wrapper
+    (cpp_wrapper) is switched on the same way: the compiled kernels are called from C++ instead of a generated
+    Python function, which takes the Python and dispatch time between ~40 kernels out of a batch-1 forward
+    (yolov3-tiny, 416, bf16, 2-core Zen 4: 13.8 ms against 15.2 with the Python wrapper and 15.4 eager;
+    BENCHMARKS.md, "Deployment"), for about twice the compilation time. The tools that call this compile nothing
+    else. Raises CompileError at once where inductor's C++ compiler is missing (it would fail only at the first
+    call, deep in a traceback)."""
     compiler = os.environ.get("CXX") or "g++"  # what inductor runs on a CPU (and Triton's launcher needs a C one)
     if shutil.which(compiler) is None:
         raise CompileError(f"torch.compile needs a C++ compiler: {compiler!r} (the CXX environment variable, else "

@@ -56,9 +56,11 @@ def compile_for_inference(model: torch.nn.Module) -> torch.nn.Module:
     (cpp_wrapper) is switched on the same way: the compiled kernels are called from C++ instead of a generated
     Python function, which takes the Python and dispatch time between ~40 kernels out of a batch-1 forward
     (yolov3-tiny, 416, bf16, 2-core Zen 4: 13.8 ms against 15.2 with the Python wrapper and 15.4 eager;
-    BENCHMARKS.md, "Deployment"), for about twice the compilation time. The tools that call this compile nothing
-    else. Raises CompileError at once where inductor's C++ compiler is missing (it would fail only at the first
-    call, deep in a traceback)."""
+    BENCHMARKS.md, "Deployment"), for about twice the compilation time. Shapes stay static (dynamic=False): each
+    new input shape compiles anew, where dynamo's automatic dynamic shapes would recompile a second image size
+    with symbolic sizes, which inductor's freezing pass cannot lay out (torch 2.14: BackendCompilerFailed in
+    enforce_output_layout). The tools that call this compile nothing else. Raises CompileError at once where
+    inductor's C++ compiler is missing (it would fail only at the first call, deep in a traceback)."""
     compiler = os.environ.get("CXX") or "g++"  # what inductor runs on a CPU (and Triton's launcher needs a C one)
     if shutil.which(compiler) is None:
         raise CompileError(f"torch.compile needs a C++ compiler: {compiler!r} (the CXX environment variable, else "
@@ -67,7 +69,7 @@ def compile_for_inference(model: torch.nn.Module) -> torch.nn.Module:
     inductor_config.freezing = True
     if next(model.parameters()).device.type == "cpu":  # CUDA keeps the Python wrapper: not measured with it
         inductor_config.cpp_wrapper = True
-    return torch.compile(model)
+    return torch.compile(model, dynamic=False)
 
 
 def add_speed_args(parser: argparse.ArgumentParser) -> None:

@@ -214,15 +214,18 @@ def test_packed_bf16_computes_what_bf16_autocast_computes():
 @pytest.mark.skipif(not shutil.which(os.environ.get("CXX") or "g++"), reason="torch.compile needs a C++ compiler")
 def test_compiled_bf16_computes_what_bf16_autocast_computes():
     """--compile in bf16 (its default on a CPU with native bf16): inductor's frozen bf16 weights, its own fusions of
-    the non-conv ops and its C++ wrapper give eager bf16 autocast's outputs within bf16 rounding."""
+    the non-conv ops and its C++ wrapper give eager bf16 autocast's outputs within bf16 rounding, at a second image
+    size and batch too (a recompilation: with symbolic sizes inductor's freezing failed)."""
     compiled, form = inference.ready_for_inference(tiny(), CPU, 128, "bf16", compile=True)
     assert form == Form("bf16", compiled=True)
-    batch, _ = inference.letterbox_batch(IMAGES, 128)
-    with torch.inference_mode(), form.autocast(CPU):
-        outputs = compiled(batch).float()
-    autocast = outputs_in("bf16")
-    torch.testing.assert_close(outputs[..., 4:], autocast[..., 4:], rtol=0, atol=SCORE_ATOL / 2)
-    torch.testing.assert_close(outputs[..., :4], autocast[..., :4], rtol=0, atol=BOX_ATOL / 2)
+    for size, images in ((128, IMAGES), (64, IMAGES[:3])):
+        batch, _ = inference.letterbox_batch(images, size)
+        with torch.inference_mode(), form.autocast(CPU):
+            outputs = compiled(batch).float()
+        autocast = outputs_in("bf16", size)[:len(images)]
+        assert outputs.shape == autocast.shape
+        torch.testing.assert_close(outputs[..., 4:], autocast[..., 4:], rtol=0, atol=SCORE_ATOL / 2)
+        torch.testing.assert_close(outputs[..., :4], autocast[..., :4], rtol=0, atol=BOX_ATOL / 2)
 
 
 def test_bf16_detections_of_a_known_model_are_the_fp32_ones():
@@ -359,10 +362,10 @@ def test_compile_picks_its_autocast_without_a_probe_and_calls_kernels_from_cpp(m
     monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: has_bf16)
     monkeypatch.setattr(forms, "probe_forms", lambda *a: pytest.fail("probed"))
     monkeypatch.setattr(inference.shutil, "which", lambda name: f"/usr/bin/{name}")
-    monkeypatch.setattr(torch, "compile", lambda model: ("compiled", model))
+    monkeypatch.setattr(torch, "compile", lambda model, dynamic: ("compiled", model, dynamic))
     model = tiny()
     with inductor_config.patch(freezing=False, cpp_wrapper=False):  # restored after, for the tests that compile
         compiled, form = inference.ready_for_inference(model, CPU, 64, amp, compile=True)
         assert inductor_config.freezing and inductor_config.cpp_wrapper
-    assert compiled == ("compiled", model) and form == Form(name, compiled=True)
+    assert compiled == ("compiled", model, False) and form == Form(name, compiled=True)  # static shapes
     assert str(form) == forms.DESCRIPTIONS[name] + ", torch.compile"

@@ -347,7 +347,6 @@ def test_amp_mode():
     assert inference.amp_mode(True, "fp32", torch.device("cuda")) == "fp16"
 
 
-
 @pytest.mark.parametrize(("has_bf16", "amp", "name"), [
     (True, "auto", "bf16"),  # the probe picks a bf16 form on every model measured where bf16 is native
     (False, "auto", "fp32"),  # emulated bf16 is slower than fp32

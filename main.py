@@ -228,9 +228,10 @@ def main(argv: list[str] | None = None) -> dict:
     if main_process and not resumed:
         report_data(train_set, val_loader.dataset, model, cfg, logger)
     eval_form = evaluation_form(trainer.eval_model, cfg.eval.amp, cfg.data.img_size, device)
-    log.info("run %s | %s/%s, %d classes | %d train, %d val images | device %s x %d | step %d of %d | training in "
-             "%s, evaluating in %s", run_dir, cfg.model.arch, cfg.model.encoder, cfg.model.num_classes,
-             len(train_set), len(val_loader.dataset), device, world, state.step, trainer.steps,
+    log.info("run %s | %s/%s, %d classes | %d train, %d val images, %d loader workers | device %s x %d | step %d of "
+             "%d | training in %s, evaluating in %s", run_dir, cfg.model.arch, cfg.model.encoder,
+             cfg.model.num_classes, len(train_set), len(val_loader.dataset), train_loader.num_workers, device, world,
+             state.step, trainer.steps,
              str(trainer.amp_dtype or torch.float32).removeprefix("torch."), eval_form)
 
     def checkpoint(name: str) -> float:

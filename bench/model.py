@@ -40,6 +40,7 @@ from bench.common import (  # noqa: E402
     time_paired,
     time_runs,
 )
+from engine.optim import fused_update, parameter_groups  # noqa: E402
 from engine.train import train_step  # noqa: E402
 from inference import compile_for_inference  # noqa: E402
 from models import build_model  # noqa: E402
@@ -111,17 +112,25 @@ def forward_fn(model: torch.nn.Module, x: torch.Tensor, form: str, device: torch
 
 
 def train_step_fn(size: int, batch: int, device: torch.device, dtype: torch.dtype | None, arch: str = "yolov3",
-                  num_classes: int = 80) -> Callable[[], object]:
-    """One optimiser step of `arch` (train mode, channels_last as main.py trains, Adam, batch `batch`, 20 boxes per
-    image, autocast of `dtype` (None: fp32), fp16's GradScaler) as a function of no arguments."""
+                  num_classes: int = 80, channels_last: bool = True, foreach: bool = False, compile_model: str = "",
+                  compile_loss: bool = False) -> Callable[[], object]:
+    """One optimiser step of `arch` (train mode, Adam over main.py's parameter groups, batch `batch`, 20 boxes per
+    image, autocast of `dtype` (None: fp32), fp16's GradScaler) as a function of no arguments. As main.py trains
+    unless asked: channels_last model and input (False: NCHW), Adam's fused update (`foreach`: its foreach one),
+    no torch.compile (`compile_model`: the model compiled in that mode, "default" or "reduce-overhead" (CUDA graphs);
+    `compile_loss`: the loss compiled, shapes dynamic as the targets' count varies)."""
     torch.manual_seed(0)
-    model = build_model(arch, "darknet53", num_classes).to(device, memory_format=torch.channels_last).train()
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = build_model(arch, "darknet53", num_classes).to(device, memory_format=memory_format).train()
     loss_fn = build_loss(model, LossConfig())
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
+    optimizer = torch.optim.Adam(parameter_groups(model, 5e-4), lr=1e-5, fused=None if foreach else fused_update(model),
+                                 foreach=True if foreach else None)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    images = torch.rand(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    images = torch.rand(batch, 3, size, size, device=device).contiguous(memory_format=memory_format)
     targets = random_targets(batch, 20, size, num_classes, device)
-    return lambda: train_step(model, loss_fn, [(images, targets)], optimizer, scaler, dtype, 10.0)
+    step_model = torch.compile(model, mode=compile_model) if compile_model else model
+    step_loss = torch.compile(loss_fn, dynamic=True) if compile_loss else loss_fn
+    return lambda: train_step(step_model, step_loss, [(images, targets)], optimizer, scaler, dtype, 10.0)
 
 
 def train_precision_rows(size: int, device: torch.device, repeats: int) -> tuple[list[str], dict[str, float]]:

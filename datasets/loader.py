@@ -20,6 +20,8 @@ from datasets.formats import data_paths
 from datasets.transforms import Preprocess, build_augmentation
 from utils.config import Config
 
+GPU_MAX_WORKERS = 16  # data.workers auto on a GPU: ~2,000 images/s at 416, twice what one H200 trains
+
 
 def stream_seed(seed: int, stream: int, *key: int) -> int:
     """A 63-bit seed that is a function of (seed, stream, *key) only: stream 0 for sample seeds, 1 for sizes.
@@ -198,11 +200,17 @@ def train_sizes(cfg: Config) -> list[int]:
     return list(range(low, high + 1, 32))
 
 
-def auto_workers() -> int:
-    """data.workers auto: min(4, the cores this process may use); more workers than cores only contend with the
-    training step for them (torch warns)."""
+def auto_workers(device: torch.device | None = None) -> int:
+    """data.workers auto. Training on a CPU: min(4, the cores this process may use), as the workers share the cores
+    with the training step and more only contend with it (torch warns). On a GPU: the cores less one for the
+    training process, shared by the processes torchrun started on this machine (LOCAL_WORLD_SIZE), at most
+    GPU_MAX_WORKERS: the step needs about one core, and one worker augments ~140 images/s at 416, so 4 would hold a
+    GPU that trains ~1,000 (BENCHMARKS.md, NVIDIA H200: 16 workers gave 2,042 images/s)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(4, cores)
+    if device is None or device.type != "cuda":
+        return min(4, cores)
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(GPU_MAX_WORKERS, cores // local_processes - 1))
 
 
 def build_loader(cfg: Config, dataset: CocoDetection, train: bool, batch_size: int,
@@ -219,7 +227,7 @@ def build_loader(cfg: Config, dataset: CocoDetection, train: bool, batch_size: i
     sizes = train_sizes(cfg) if train else [cfg.data.img_size]
     batches = MultiScaleBatchSampler(sampler, batch_size, sizes, cfg.data.multiscale_every, drop_last=train,
                                      seed=cfg.train.seed, subdivisions=cfg.train.subdivisions)
-    workers = auto_workers() if cfg.data.workers == "auto" else cfg.data.workers
+    workers = auto_workers(device) if cfg.data.workers == "auto" else cfg.data.workers
     if workers > 0:
         # Parallelism comes from the workers. OpenCV's thread pool must be shut down before they fork: a forked
         # child that touches the inherited pool hangs (seen in cv2.setNumThreads inside a worker).

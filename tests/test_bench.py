@@ -138,3 +138,39 @@ def test_grad_norms_reports_both_windows_and_the_limits():
     for line in ("Machine: ", "| steps | mean loss | min | p10 | p50 | p90 | p99 | max |", "| 1-2 | ", "| 3-4 | ",
                  "| 10 | 4 of 4 |", "| 10000 | 0 of 4 |"):  # an untrained tiny's norm: hundreds
         assert line in report, line
+
+
+def test_train_speed_times_each_variant_against_main_and_the_loader():
+    """bench/train_speed.py (issue 23's prepared GPU run) end to end on the CPU at a toy size: one row per variant,
+    'main' at 1.00x of itself, the loader at data.workers auto."""
+    done = subprocess.run([sys.executable, "bench/train_speed.py", "--device", "cpu", "--data", str(DATA / "coco"),
+                           "--arch", "yolov3-tiny", "--size", "64", "--batch", "2", "--variants", "other-amp", "nchw",
+                           "foreach", "--warmup", "1", "--steps", "2", "--rounds", "2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = {line.split(" | ")[0][2:]: line for line in done.stdout.splitlines() if line.startswith("| ")}
+    assert {"main", "other-amp", "nchw", "foreach"} <= set(rows), done.stdout  # main is added as the reference
+    assert "| **1.00x** |" in rows["main"]
+    assert "yolov3-tiny at 64, batch 2, 2 alternating rounds of 2 steps" in done.stdout
+    other = "fp32" if bf16_supported(torch.device("cpu")) else "bfloat16"
+    assert rows["other-amp"].split(" | ")[2] == other
+    assert " (data.workers auto here) | " in done.stdout and "the loader " in done.stdout
+    assert "round 2: main " in done.stderr  # progress as it goes
+
+
+def test_train_speed_reports_a_variant_that_fails_and_goes_on(monkeypatch, capsys):
+    import argparse
+
+    import bench.train_speed as train_speed
+
+    def build(size, batch, device, dtype, arch, **options):
+        if options.get("foreach"):
+            raise RuntimeError("foreach Adam is off here\nsecond line")
+        return lambda: None
+
+    monkeypatch.setattr(train_speed, "train_step_fn", build)
+    args = argparse.Namespace(size=64, batch=2, arch="yolov3-tiny", warmup=1)
+    steps, seconds, errors = train_speed.build_variants(["main", "foreach", "nchw"], args, torch.device("cpu"))
+    assert set(steps) == set(seconds) == {"main", "nchw"}
+    assert errors == {"foreach": "RuntimeError: foreach Adam is off here"}
+    assert "foreach: failed to build: RuntimeError" in capsys.readouterr().err

@@ -9,7 +9,14 @@ import torch
 from conftest import DATA
 from torch.utils.data import DistributedSampler, RandomSampler, SequentialSampler
 
-from datasets.loader import MultiScaleBatchSampler, build_dataset, build_loader, ignore_foreign_sigterm, train_sizes
+from datasets.loader import (
+    MultiScaleBatchSampler,
+    auto_workers,
+    build_dataset,
+    build_loader,
+    ignore_foreign_sigterm,
+    train_sizes,
+)
 from datasets.shapes import generate_shapes
 from utils.config_load import load_config
 
@@ -197,3 +204,27 @@ def test_train_loader_counts_multiscale_every_in_optimiser_steps(shapes_root):
     # what train.time_limit plans with: every step's size known in advance, the same as the batches then carry
     assert loader.batch_sampler.step_sizes(0, 18).tolist() == sizes[::2]
     assert loader.batch_sampler.step_sizes(5, 9).tolist() == sizes[10:18:2]
+
+
+@pytest.mark.parametrize(("device", "cores", "local_processes", "expected"), [
+    ("cpu", 2, None, 2), ("cpu", 16, None, 4), ("cpu", 1, None, 1),  # a CPU step shares the cores: at most 4
+    ("cuda", 16, None, 15), ("cuda", 16, "4", 3), ("cuda", 64, None, 16), ("cuda", 1, None, 1), ("cuda", 2, "4", 1),
+])
+def test_auto_workers_by_device_cores_and_local_processes(monkeypatch, device, cores, local_processes, expected):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    if local_processes is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_processes)
+    assert auto_workers(torch.device(device)) == expected
+    assert auto_workers() == min(4, cores)  # no device: the CPU rule
+
+
+def test_build_loader_resolves_auto_workers_for_its_device(shapes_root, monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    cfg = config(shapes_root, "data.workers=auto")
+    dataset = build_dataset(cfg, "val")
+    assert build_loader(cfg, dataset, False, 2).num_workers == 4
+    assert build_loader(cfg, dataset, False, 2, torch.device("cpu")).num_workers == 4
+    assert build_loader(cfg, dataset, False, 2, torch.device("cuda")).num_workers == 7  # built, never iterated

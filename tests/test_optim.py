@@ -1,4 +1,5 @@
 """Optimiser parameter groups, the lr schedule against hand-computed values, exact resume, and the plotting tool."""
+import copy
 import math
 import warnings
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from engine.optim import build_optimizer, build_scheduler, lr_factor
+from engine.optim import build_optimizer, build_scheduler, fused_update, lr_factor
 from models import build_model
 from tools.lr_scheduler_creator import main as plot_main
 from tools.lr_scheduler_creator import sample_steps
@@ -92,6 +93,30 @@ def test_encoder_lr_scale_moves_the_encoder_by_that_share_at_every_step():
         torch.testing.assert_close(old - p.detach(), torch.full_like(p, lr), rtol=1e-9, atol=1e-15)
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.01 / 16] * 2 + [0.001 / 16] * 2)
     assert len(build_optimizer(model, TrainConfig()).param_groups) == 2  # the default: two groups, as checkpoints hold
+
+
+@pytest.mark.parametrize("name", ["adam", "sgd"])
+def test_fused_update_on_cpu_computes_what_the_foreach_update_does(name):
+    """build_optimizer takes the fused kernels on a CPU (fused_update) and they give the foreach update's weights
+    over three steps with decay, momentum and a group of its own; elsewhere (a meta device here) torch's choice."""
+    torch.manual_seed(0)
+    start = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1))
+    models = [copy.deepcopy(start), copy.deepcopy(start)]
+    x = torch.randn(2, 3, 6, 6)
+    cfg = TrainConfig(optimizer=name, lr=0.01, weight_decay=5e-4)
+    optimizers = [build_optimizer(m, cfg) for m in models]
+    assert all(g["fused"] is True for g in optimizers[0].param_groups)
+    for group in optimizers[1].param_groups:  # the same optimiser, told to take torch's foreach path
+        group.update(fused=None, foreach=True)
+    for _ in range(3):
+        for model, optimizer in zip(models, optimizers, strict=True):
+            optimizer.zero_grad()
+            model(x).square().sum().backward()
+            optimizer.step()
+    for fused, foreach in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(fused, foreach, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(models[0][0].weight, start[0].weight)  # it moved
+    assert fused_update(nn.Linear(2, 2, device="meta")) is None
 
 
 def test_unknown_optimizer_names_the_key():

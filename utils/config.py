@@ -133,8 +133,8 @@ class DataConfig(Section):
     # max down to multiples of 32: the default [0.75, 1.5] gives Darknet's 320-608 at 416, 256-480 at 320)
     multiscale: list[int | float] | None = Field(default_factory=lambda: [0.75, 1.5])  # None: img_size only
     multiscale_every: int = Field(10, ge=1)  # optimiser steps (train.batch_size images) between size changes
-    # DataLoader worker processes; 0: load in the main process; auto: min(4, the cores this process may use), as
-    # more workers than cores only contend with the training step for them
+    # DataLoader worker processes; 0: load in the main process; auto: on a CPU min(4, the cores this process may use),
+    # as more only contend with the training step; on a GPU the cores less one, per local process, at most 16
     workers: int | Literal["auto"] = "auto"
     timeout: float = Field(300.0, gt=0)  # seconds to wait for one batch from the workers before it is an error
     skip_bad_images: bool = False  # False: an unreadable image is an error; True: skipped with a warning

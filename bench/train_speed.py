@@ -174,7 +174,7 @@ def run(args: argparse.Namespace) -> tuple[list[str], dict[str, float]]:
             continue
         ratio = statistics.median(a / b for a, b in zip(rates[key], rates["main"], strict=True))
         figures[f"train_images_per_s_{key}"] = statistics.median(rates[key])
-        lines.append(f"| {key} | {VARIANTS[key][0]} | {amp[key]} | {spread(rates[key], '.0f')} | **{ratio:.2f}x** | "
+        lines.append(f"| {key} | {VARIANTS[key][0]} | {amp[key]} | {spread(rates[key], '.4g')} | **{ratio:.2f}x** | "
                      f"{build_seconds[key]:.0f} |")
     best = max(rates, key=lambda key: statistics.median(rates[key]))
     loader, loader_figures = loader_rows(args, device)
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     """Parse arguments, run, print markdown (and the figures as JSON with --json)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_argument(parser)
-    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
     parser.add_argument("--arch", default="yolov3")
     parser.add_argument("--size", type=int, default=416)
     parser.add_argument("--batch", type=int, default=64)
@@ -208,6 +208,9 @@ def main(argv: list[str] | None = None) -> None:
     if "main" not in args.variants:
         args.variants.insert(0, "main")
     checked_data(args.data)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda: torch sees no CUDA device on this machine (torch.cuda.is_available() "
+                         "is False); run it on a GPU machine, or time the CPU with --device cpu")
     lines, figures = run(args)
     emit(lines, figures, args.json)
 

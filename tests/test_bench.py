@@ -174,3 +174,11 @@ def test_train_speed_reports_a_variant_that_fails_and_goes_on(monkeypatch, capsy
     assert set(steps) == set(seconds) == {"main", "nchw"}
     assert errors == {"foreach": "RuntimeError: foreach Adam is off here"}
     assert "foreach: failed to build: RuntimeError" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where no CUDA device is")
+def test_train_speed_on_cuda_without_a_gpu_says_so():
+    done = subprocess.run([sys.executable, "bench/train_speed.py", "--device", "cuda", "--data", str(DATA / "coco")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "--device cuda: torch sees no CUDA device" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr

@@ -41,7 +41,7 @@ def parameter_groups(model: nn.Module, weight_decay: float, lr: float = 0.0, enc
 
 def fused_update(model: nn.Module) -> bool | None:
     """True where every parameter lives on a CPU or a CUDA GPU, for which torch's optimisers have fused kernels (one
-    kernel per parameter dtype and device instead of foreach's chain of them: 1.04-1.08x per YOLOv3-tiny training
+    kernel per parameter dtype and device instead of foreach's chain of them: 1.02-1.09x per YOLOv3(-tiny) training
     step on a 2-core CPU, BENCHMARKS.md); None elsewhere (torch's own choice, foreach)."""
     return True if all(p.device.type in ("cpu", "cuda") for p in model.parameters()) else None
 

@@ -98,7 +98,8 @@ def test_encoder_lr_scale_moves_the_encoder_by_that_share_at_every_step():
 @pytest.mark.parametrize("name", ["adam", "sgd"])
 def test_fused_update_on_cpu_computes_what_the_foreach_update_does(name):
     """build_optimizer takes the fused kernels on a CPU (fused_update) and they give the foreach update's weights
-    over three steps with decay, momentum and a group of its own; elsewhere (a meta device here) torch's choice."""
+    over three steps, in both groups (weight decay on the convs' weights, none on the rest), with momentum; elsewhere
+    (a meta device here) torch's choice."""
     torch.manual_seed(0)
     start = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1))
     models = [copy.deepcopy(start), copy.deepcopy(start)]

@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import add_data_argument, checked_data, emit, machine, spread, time_runs  # noqa: E402
 from bench.data_pipeline import loader_rate  # noqa: E402
 from bench.model import train_step_fn  # noqa: E402
-from datasets.loader import auto_workers, build_dataset  # noqa: E402
+from datasets.loader import auto_workers, build_dataset, usable_cores  # noqa: E402
 from engine.state import autocast_dtype  # noqa: E402
 from utils.config_load import load_config  # noqa: E402
 
@@ -136,14 +136,14 @@ def loader_rows(args: argparse.Namespace, device: torch.device) -> tuple[list[st
     cfg = load_config(ROOT / "args.yaml", [f"data.root={args.data}", f"data.img_size={args.size}",
                                            "data.multiscale=null"])
     dataset = build_dataset(cfg, "train")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    counts = sorted({auto_workers(device), max(1, cores - 1)})
+    auto = auto_workers(device)
+    counts = sorted({auto, max(1, usable_cores() - 1)})
     rows, figures = [], {}
     for workers in counts:
         rate = loader_rate(cfg, dataset, workers)
         figures[f"loader_{workers}_workers"] = rate
-        auto = " (data.workers auto here)" if workers == auto_workers(device) else ""
-        rows.append(f"| {workers}{auto} | {rate:.0f} |")
+        note = " (data.workers auto here)" if workers == auto else ""
+        rows.append(f"| {workers}{note} | {rate:.0f} |")
         log(f"loader, {workers} workers: {rate:.0f} images/s")
     return rows, figures
 

@@ -200,13 +200,18 @@ def train_sizes(cfg: Config) -> list[int]:
     return list(range(low, high + 1, 32))
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one, else all of them)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def auto_workers(device: torch.device | None = None) -> int:
     """data.workers auto. Training on a CPU: min(4, the cores this process may use), as the workers share the cores
     with the training step and more only contend with it (torch warns). On a GPU: the cores less one for the
     training process, shared by the processes torchrun started on this machine (LOCAL_WORLD_SIZE), at most
     GPU_MAX_WORKERS: the step needs about one core, and one worker augments ~140 images/s at 416, so 4 would hold a
     GPU that trains ~1,000 (BENCHMARKS.md, NVIDIA H200: 16 workers gave 2,042 images/s)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = usable_cores()
     if device is None or device.type != "cuda":
         return min(4, cores)
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
